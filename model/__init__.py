@@ -1,0 +1,1 @@
+"""The Lance model: weight-compatible with the official release, no training logic."""

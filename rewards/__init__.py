@@ -1,0 +1,1 @@
+"""Reward models for lance-rl (the reward contract, registry and built-ins)."""
