@@ -18,6 +18,7 @@ Backends, all computing the same function:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,8 +84,11 @@ def packed_attention(layout: TokenLayout, backend: str = "sdpa") -> AttnFn:
         def mask_mod(b, h, q_idx, kv_idx):
             return layout.allowed(q_idx, kv_idx)
 
-        block_mask = create_block_mask(mask_mod, 1, None, n, n, device=layout.document.device)
-        return lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+        device = layout.document.device
+        block_mask = create_block_mask(mask_mod, 1, None, n, n, device=device)
+        # Compiled flex is the fused kernel (GPU); eager flex is a reference implementation, fine for checks on CPU.
+        flex = _compiled_flex() if device.type == "cuda" else flex_attention
+        return lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
     if backend == "flash":
         raise ValueError(
             "the flash backend serves the cached generation path only; the packed training mask needs 'sdpa' or 'flex'"
@@ -121,6 +125,13 @@ def cached_attention(
         return _sdpa(q, k, v, mask)
 
     return attend
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,7 @@ class LanceModel(nn.Module):
             h = h.index_copy(0, batch.vit_index, self.encode_vit(batch.vit_patches, batch.vit_grid_thw).to(h.dtype))
 
         # 3. VAE tokens: noise the clean latents to each token's t.
-        x0 = batch.vae_latents.to(dtype)
+        x0 = batch.vae_latents.to(dtype).reshape(-1, self.config.latent_channels)
         if noise is None:
             noise = torch.randn_like(x0)
         t = batch.vae_timesteps.to(dtype)

@@ -1,0 +1,99 @@
+"""The `lance-rl` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _init_tiny(args: argparse.Namespace) -> int:
+    from model.checkpoint import init_tiny, inspect_checkpoint
+
+    out = init_tiny(args.out_dir, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers, vae=args.vae)
+    info = inspect_checkpoint(out)
+    params = info["parameters"]
+    print(
+        f"wrote a tiny random Lance to {out} (seed {args.seed}): hidden {args.hidden_size}, {args.num_layers} layers, "
+        f"{params['total']:,} parameters, tokenizer of {info['tokenizer']['len']} tokens, VAE '{args.vae}'"
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from model.checkpoint import inspect_checkpoint
+
+    info = inspect_checkpoint(args.checkpoint, vit_dir=args.vit_dir, weights=args.weights)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_inspection(info)
+    return 0 if info["keys"]["ok"] else 1
+
+
+def _print_inspection(info: dict) -> None:
+    c, p, k, s = info["config"], info["parameters"], info["keys"], info["stored"]
+    print(f"checkpoint   {info['checkpoint']} ({info['weights_file']})")
+    print(
+        f"backbone     hidden {c['hidden_size']}, {c['num_hidden_layers']} layers x 2 experts, "
+        f"{c['num_attention_heads']} heads / {c['num_key_value_heads']} kv heads (head_dim {c['head_dim']}), "
+        f"mlp {c['intermediate_size']}, vocab rows {c['vocab_size']}, mrope {c['mrope_section']}"
+    )
+    if info["tokenizer"]:
+        t = info["tokenizer"]
+        print(f"tokenizer    {t['len']} tokens; im_start {t['im_start']}, im_end {t['im_end']}, "
+              f"vision_start {t['vision_start']}, vision_end {t['vision_end']}, video_pad {t['video_pad']}")  # fmt: skip
+    if info["vit"]:
+        v = info["vit"]
+        print(f"vit          depth {v['depth']}, hidden {v['hidden_size']}, {v['num_heads']} heads -> "
+              f"{v['out_hidden_size']} ({info['vit_dir'] or 'from model file'})")  # fmt: skip
+    print(f"generation   latent channels {c['latent_channels']}, VAE '{c['vae']}', max latent size {c['max_latent_size']}, "
+          f"max frames {c['max_num_frames']}")  # fmt: skip
+    print("parameters   " + ", ".join(f"{name} {count:,}" for name, count in p.items()))
+    print(f"stored       {s['tensors']} tensors, {s['parameters']:,} values, dtypes {s['dtypes']}")
+    status = "all keys match" if k["ok"] else "KEY PROBLEMS"
+    print(
+        f"keys         {status}: {k['loaded']}/{k['expected']} loaded, {len(k['missing'])} missing, "
+        f"{len(k['unexpected'])} unexpected, {len(k['mismatched'])} mismatched, dropped {k['dropped'] or 'none'}, "
+        f"copied from und {len(k['copied_from_und'])}"
+    )
+    for key in k["missing"][:20]:
+        print(f"  missing    {key}")
+    for key in k["unexpected"][:20]:
+        print(f"  unexpected {key}")
+    for m in k["mismatched"][:20]:
+        print(f"  mismatch   {m['key']}: model {m['expected']}, file {m['found']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lance-rl", description="SFT and flow-GRPO post-training for Lance.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-tiny", help="write a tiny random checkpoint in the official layout")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=int, default=64, help="a multiple of 32 (head_dim is 16)")
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--vae", choices=["patch", "wan2.2"], default="patch", help="latent codec recorded in the config")
+    p.set_defaults(func=_init_tiny)
+
+    p = sub.add_parser("inspect", help="config, parameter counts and key accounting of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--vit-dir", default=None, help="the Qwen2.5-VL-ViT folder (default: inside or beside CHECKPOINT)")
+    p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"lance-rl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
