@@ -257,3 +257,31 @@ def understanding_plan(
     return build_plan(
         tokenizer, task, instruction or system_prompt(task), [vit_block(media_vit_grid), question], answer
     )
+
+
+def drop_caption(plan: SequencePlan) -> SequencePlan:
+    """The text-unconditional stream for CFG: the same sample with every caption token (modality 0) removed, as the
+    release builds it (system prompt, template glue and visual blocks stay)."""
+    keep = [i for i, m in enumerate(plan.modality) if m != CAPTION]
+    if len(keep) == len(plan.modality):
+        return plan
+    new_index = {old: new for new, old in enumerate(keep)}
+    split_lens, attn_modes, start = [], [], 0
+    for length, mode in zip(plan.split_lens, plan.attn_modes):
+        kept = sum(1 for i in range(start, start + length) if plan.modality[i] != CAPTION)
+        if kept:
+            split_lens.append(kept)
+            attn_modes.append(mode)
+        start += length
+    blocks = [PlacedBlock(b.block, new_index[b.start]) for b in plan.blocks]
+    answer = new_index.get(plan.answer_start) if plan.answer_start is not None else None
+    return SequencePlan(
+        plan.task,
+        [plan.token_ids[i] for i in keep],
+        split_lens,
+        attn_modes,
+        [plan.modality[i] for i in keep],
+        blocks,
+        answer,
+        plan.text,
+    )
