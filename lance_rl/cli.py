@@ -65,6 +65,14 @@ def _print_inspection(info: dict) -> None:
         print(f"  mismatch   {m['key']}: model {m['expected']}, file {m['found']}")
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from lance_rl.bench import run
+
+    kwargs = {"checkpoint": args.checkpoint, "group_size": args.group_size, "num_steps": args.steps}
+    run(args.names or ["rollout"], out=args.out, **kwargs)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lance-rl", description="SFT and flow-GRPO post-training for Lance.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("bench", help="throughput benchmarks, reported as ratios measured in one run")
+    p.add_argument("names", nargs="*", help="benchmarks to run (default: rollout)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: a fresh tiny one)")
+    p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +171,7 @@ _WB = r"(weight|bias)"
 # (official key pattern, diffusers key template) for the Wan2.2 (residual up/down block) layout. In the official
 # blocks the resample layer is the last entry of the same Sequential as the residual blocks (index num_res_blocks in the
 # encoder, num_res_blocks + 1 in the decoder); diffusers keeps it apart as `downsampler` / `upsampler`.
-_KEY_RULES: list[tuple[re.Pattern, callable]] = [
+_KEY_RULES: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
     (re.compile(rf"conv1\.{_WB}"), lambda m: f"quant_conv.{m[1]}"),
     (re.compile(rf"conv2\.{_WB}"), lambda m: f"post_quant_conv.{m[1]}"),
     (re.compile(rf"(encoder|decoder)\.conv1\.{_WB}"), lambda m: f"{m[1]}.conv_in.{m[2]}"),

@@ -1,0 +1,95 @@
+"""Throughput benchmarks (`lance-rl bench`): ratios measured in one run, on whatever machine runs them.
+
+rollout: generating a group of G samples from one prompt with the shared, broadcast prefix cache, against a loop that
+    generates them one at a time and re-encodes the prompt for each (what a naive rollout worker does).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, lazy inits
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_rollout(
+    checkpoint: str | None = None,
+    group_size: int = 16,
+    num_steps: int = 10,
+    grid: tuple[int, int, int] = (1, 8, 8),
+    cfg_scale: float = 4.0,
+    repeats: int = 3,
+) -> dict:
+    from model.checkpoint import init_tiny, load_lance
+    from model.sampling import CFGConfig, GenerationRequest, SamplerConfig, encode_prefix, generate, initial_noise, sample
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint or init_tiny(Path(tmp) / "tiny", seed=0)
+        loaded = load_lance(path)
+    model, tok = loaded.model, loaded.tokenizer
+    config = SamplerConfig(num_steps=num_steps, shift=3.0, kind="sde", noise_level=0.7, sde_window=(0, num_steps - 1),
+                           cfg=CFGConfig(scale=cfg_scale))  # fmt: skip
+    request = GenerationRequest("t2i", "two red circles on the left of the image", grid)
+    seeds = list(range(group_size))
+
+    def grouped():
+        generate(model, tok, [request], config, seeds, group_size=group_size)
+
+    def one_at_a_time():
+        for s in seeds:
+            prefix = encode_prefix(model, tok, [request], config.cfg)
+            noise = initial_noise(s, prefix.num_tokens)[None]
+            sample(model, prefix, noise, config, [torch.Generator().manual_seed(s + 1)])
+
+    with torch.no_grad():
+        t_group = _timed(grouped, repeats)
+        t_loop = _timed(one_at_a_time, repeats)
+    return {
+        "benchmark": "rollout",
+        "checkpoint": str(checkpoint or "tiny (init-tiny, seed 0)"),
+        "group_size": group_size,
+        "num_steps": num_steps,
+        "latent_grid": list(grid),
+        "cfg_scale": cfg_scale,
+        "grouped_s": round(t_group, 4),
+        "one_at_a_time_s": round(t_loop, 4),
+        "samples_per_s_grouped": round(group_size / t_group, 2),
+        "samples_per_s_one_at_a_time": round(group_size / t_loop, 2),
+        "speedup": round(t_loop / t_group, 2),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{'cuda' if next(model.parameters()).is_cuda else 'cpu'}, torch {torch.__version__}",
+    }
+
+
+BENCHMARKS = {"rollout": bench_rollout}
+
+
+def run(names: list[str], out: str | None = None, **kwargs) -> list[dict]:
+    results = []
+    for name in names:
+        if name not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}")
+        results.append(BENCHMARKS[name](**kwargs))
+    for r in results:
+        print(f"\n{r['benchmark']}")
+        width = max(len(k) for k in r)
+        for k, v in r.items():
+            if k != "benchmark":
+                print(f"  {k:<{width}}  {v}")
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {out}")
+    return results
