@@ -65,12 +65,41 @@ def _print_inspection(info: dict) -> None:
         print(f"  mismatch   {m['key']}: model {m['expected']}, file {m['found']}")
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from lance_rl.inference import GenerateSettings, run_generate
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    fields["cfg_interval"] = tuple(fields["cfg_interval"])
+    record = run_generate(GenerateSettings(**fields))
+    print(f"wrote {len(record['outputs'])} file(s) to {args.out} in {record['seconds']} s; settings in "
+          f"{args.out}/generation.json")  # fmt: skip
+    for path in record["outputs"]:
+        print(f"  {path}")
+    return 0
+
+
+def _understand(args: argparse.Namespace) -> int:
+    from lance_rl.inference import run_understand
+
+    print(run_understand(args.checkpoint, args.question, image=args.image, video=args.video,
+                         resolution=args.resolution, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, mape=args.mape,
+                         device=args.device))  # fmt: skip
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from lance_rl.bench import run
 
     kwargs = {"checkpoint": args.checkpoint, "group_size": args.group_size, "num_steps": args.steps}
     run(args.names or ["rollout"], out=args.out, **kwargs)
     return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +120,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("generate", help="generate images or videos (t2i, t2v, i2v, image_edit, video_edit)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--task", required=True, choices=["t2i", "t2v", "i2v", "image_edit", "video_edit"])
+    p.add_argument("--prompt", required=True, help="the caption or the edit instruction")
+    p.add_argument("--image", default=None, help="source image (i2v, image_edit)")
+    p.add_argument("--video", default=None, help="source video (video_edit)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--frames", type=int, default=None, help="video length in frames (4k+1 for Wan2.2)")
+    p.add_argument("--resolution", default=None, help="source preprocessing preset (e.g. image_768res) or area side")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--shift", type=float, default=3.5)
+    p.add_argument("--cfg", type=float, default=4.0, help="text guidance scale (1 = off)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.4, 1.0))
+    p.add_argument("--cfg-renorm", choices=["global", "channel", "none"], default="global")
+    p.add_argument("--cfg-uncond-positions", choices=["official", "consistent"], default="official")
+    p.add_argument("--seed", type=int, default=42, help="sample i uses seed + i")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--fps", type=float, default=12.0)
+    p.add_argument("--save-latents", action="store_true")
+    p.add_argument("--vae", default=None, help="Wan2.2_VAE.pth (default: inside or beside the checkpoint)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("understand", help="answer a question about an image or a video")
+    p.add_argument("--checkpoint", required=True)
+    media = p.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image")
+    media.add_argument("--video")
+    p.add_argument("--question", required=True)
+    p.add_argument("--resolution", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mape", action="store_true", help="apply MaPE as in training (the release's inference does not)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(func=_understand)
 
     p = sub.add_parser("bench", help="throughput benchmarks, reported as ratios measured in one run")
     p.add_argument("names", nargs="*", help="benchmarks to run (default: rollout)")

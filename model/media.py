@@ -13,7 +13,7 @@ import io
 import math
 import os
 from fractions import Fraction
-from typing import Sequence, Union
+from typing import Union
 
 import av
 import numpy as np
@@ -247,6 +247,8 @@ def _as_frames(frames) -> np.ndarray:
         frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    if frames.shape[0] == 0:
+        raise ValueError("no frames")
     return frames
 
 
@@ -408,7 +410,10 @@ def _normalise(frames: np.ndarray, mean, std) -> torch.Tensor:
 
 
 def vae_tensor(frames, resolution: str | int) -> torch.Tensor:
-    """VAE input ``[3, T, H, W]`` in [-1, 1], H and W multiples of 16. ``resolution``: preset name or area side."""
+    """VAE input ``[3, T, H, W]`` in [-1, 1], H and W multiples of 16.
+
+    ``resolution``: a ``RESOLUTIONS`` preset name (its VAE side is used) or an area side in pixels.
+    """
     x = divisible_crop(bucket_resize(frames, _sides(resolution)[0], VAE_MULTIPLE), VAE_MULTIPLE)
     return _normalise(x, (0.5,) * 3, (0.5,) * 3)
 
@@ -420,16 +425,15 @@ def vit_tensor(frames, resolution: str | int) -> torch.Tensor:
     28-crop. The ViT's temporal patch is 2 frames: a single image is duplicated, an odd count gets its last
     frame repeated (both cases are the same operation).
     """
-    side = _sides(resolution)[1] if isinstance(resolution, str) else int(resolution)
-    x = divisible_crop(bucket_resize(frames, side, VAE_MULTIPLE), VIT_MULTIPLE)
+    x = divisible_crop(bucket_resize(frames, _sides(resolution)[1], VAE_MULTIPLE), VIT_MULTIPLE)
     if x.shape[0] % 2:
         x = np.concatenate([x, x[-1:]])
     return _normalise(x, CLIP_MEAN, CLIP_STD)
 
 
-__all__: Sequence[str] = (
+__all__ = [
     "MediaError", "RESOLUTIONS", "ASPECT_RATIOS", "CLIP_MEAN", "CLIP_STD", "MIN_SIDE",
     "read_image", "read_video", "read_media", "sample_frame_indices",
     "write_png", "write_mp4", "write_gif", "to_uint8",
     "buckets", "bucket_size", "bucket_resize", "divisible_crop", "vae_tensor", "vit_tensor",
-)
+]

@@ -12,6 +12,7 @@ and `decode` inverts it. `latent_grid` and `num_frames` give the shapes without 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from pathlib import Path
@@ -72,7 +73,7 @@ def wan22_diffusers_config(**overrides) -> dict:
 
 
 class LatentCodec(Protocol):
-    """What Lance needs from a VAE. Latents are channel-last `[t, h, w, z_channels]`, pixels `[3, T, H, W]` in [-1, 1]."""
+    """What Lance needs from a VAE: pixels `[3, T, H, W]` in [-1, 1] <-> latents `[t, h, w, z_channels]`."""
 
     z_channels: int
     spatial_factor: int  # pixels per latent cell along H and W
@@ -220,6 +221,15 @@ def convert_official_wan22_vae_state_dict(sd: dict[str, Tensor]) -> dict[str, Te
     return out
 
 
+def _autoencoder_kl_wan():
+    from diffusers import AutoencoderKLWan
+
+    # pyproject allows older diffusers; Wan2.2's residual layout arrived in 0.35.
+    if "is_residual" not in inspect.signature(AutoencoderKLWan.__init__).parameters:
+        raise ImportError("the Wan2.2 VAE needs diffusers >= 0.35 (AutoencoderKLWan with is_residual and patch_size)")
+    return AutoencoderKLWan
+
+
 def _load_exact(model: torch.nn.Module, sd: dict[str, Tensor], source: str) -> None:
     """`load_state_dict(strict=True, assign=True)` with an error that lists missing, unexpected and mis-shaped keys."""
     want = model.state_dict()
@@ -249,10 +259,12 @@ class WanVAE:
     condition latents) returns `mu_n + exp(0.5 * log_var) * eps`: `log_var` comes straight from the encoder, neither
     clamped nor rescaled by `std` (spec quirk 9.8). `sample=False` returns `mu_n`.
 
-    Memory: diffusers decodes one latent frame at a time with causal feature caches, so time is already chunked;
-    `tiling=True` also splits space into overlapping tiles (diffusers' `enable_tiling`, default tiles 256 px with
-    stride 192), which keeps a 121-frame 480p video well within one GPU. There is no batch to slice (one video per
-    call). Runs in fp32 by default, on any device; no autocast. Never trained: eval mode, no gradients.
+    Memory: diffusers decodes one latent frame at a time (and encodes one chunk of 4 frames at a time) with causal
+    feature caches, so activations scale with one frame's area, not with the frame count: about 10 GB in fp32 at
+    480x848 (extrapolated from CPU measurements) plus the 0.6 GB output of a 121-frame video and 2.8 GB of weights.
+    `tiling=True` (diffusers' `enable_tiling`; default tiles 256 px, stride 192, with blended seams) bounds them by the
+    tile size instead. There is no batch to slice (one video per call). Runs in fp32 by default, on any device; no
+    autocast. Never trained: eval mode, no gradients.
     """
 
     z_channels = 48
@@ -289,26 +301,24 @@ class WanVAE:
         `config` overrides `WAN22_DIFFUSERS_CONFIG` (only tests need it); `options` go to `WanVAE(...)`. The module is
         built on the meta device and the file's tensors are assigned into it, so the weights exist once in memory.
         """
-        from diffusers import AutoencoderKLWan
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Wan2.2 VAE weights not found at {path}")
         sd = torch.load(path, map_location="cpu", weights_only=True)
         converted = convert_official_wan22_vae_state_dict(sd)
         with torch.device("meta"):
-            model = AutoencoderKLWan(**(config or WAN22_DIFFUSERS_CONFIG))
+            model = _autoencoder_kl_wan()(**(config or WAN22_DIFFUSERS_CONFIG))
         _load_exact(model, converted, str(path))
         return cls(model.to(device=device, dtype=dtype), **options)
 
     @classmethod
     def from_diffusers(cls, path: str | Path, device="cpu", dtype: torch.dtype = torch.float32, **options) -> "WanVAE":
         """Load a diffusers-format `AutoencoderKLWan` folder (or a pipeline folder holding one in `vae/`), offline."""
-        from diffusers import AutoencoderKLWan
-
         path = Path(path)
         subfolder = "vae" if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file() else None
-        model = AutoencoderKLWan.from_pretrained(path, subfolder=subfolder, local_files_only=True, torch_dtype=dtype)
+        model = _autoencoder_kl_wan().from_pretrained(
+            path, subfolder=subfolder, local_files_only=True, torch_dtype=dtype
+        )
         return cls(model.to(device), **options)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "WanVAE":
@@ -359,7 +369,7 @@ class WanVAE:
         mu, log_var = moments[0].chunk(2, dim=0)  # [48, t, h, w] each
         shape = (-1, 1, 1, 1)
         z = (mu - self.mean.to(mu.device).view(shape)) / self.std.to(mu.device).view(shape)
-        if self.sample if sample is None else sample:
+        if (self.sample if sample is None else sample):
             if generator is None:
                 eps = torch.randn_like(z)
             else:

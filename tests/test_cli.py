@@ -36,3 +36,47 @@ def test_inspect_reports_problems_and_errors_cleanly(tmp_path, capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "lance_rl.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "init-tiny" in result.stdout and "inspect" in result.stdout
+
+
+def test_generate_writes_a_png_for_t2i_and_a_playable_mp4_for_t2v(tmp_path, tiny_ckpt, capsys):
+    from model import media
+
+    args = ["generate", "--checkpoint", str(tiny_ckpt), "--steps", "2", "--cfg", "2.0"]
+    assert main(args + ["--task", "t2i", "--prompt", "two red circles", "--num-samples", "2", "--out", str(tmp_path / "img"), "--save-latents"]) == 0
+    pngs = sorted((tmp_path / "img").glob("sample_*.png"))
+    assert len(pngs) == 2 and media.read_image(pngs[0]).shape == (32, 32, 3)
+    record = json.loads((tmp_path / "img" / "generation.json").read_text())
+    assert record["seeds"] == [42, 43] and record["settings"]["cfg"] == 2.0 and record["latent_grid"] == [1, 8, 8]
+    assert (tmp_path / "img" / "sample_000.latents.safetensors").is_file()
+
+    assert main(args + ["--task", "t2v", "--prompt", "a circle moving", "--frames", "5", "--out", str(tmp_path / "vid")]) == 0
+    frames, _ = media.read_video(tmp_path / "vid" / "sample_000.mp4", frame_rule=None)
+    assert frames.shape == (5, 32, 32, 3)
+    assert (tmp_path / "vid" / "sample_000.gif").is_file()
+
+
+def test_generate_edit_and_understand_take_media(tmp_path, tiny_ckpt, capsys):
+    import numpy as np
+
+    from model import media
+
+    image = tmp_path / "src.png"
+    media.write_png(np.full((40, 40, 3), 200, dtype=np.uint8), image)
+    assert main(["generate", "--checkpoint", str(tiny_ckpt), "--task", "image_edit", "--image", str(image),
+                 "--prompt", "make it blue", "--steps", "2", "--out", str(tmp_path / "edit")]) == 0  # fmt: skip
+    assert media.read_image(tmp_path / "edit" / "sample_000.png").shape[:2] == (32, 32)  # the bucketed source size
+    capsys.readouterr()
+    assert main(["understand", "--checkpoint", str(tiny_ckpt), "--image", str(image), "--question", "what is it?",
+                 "--max-new-tokens", "3"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.endswith("\n")  # random weights answer noise; the command prints it and succeeds
+
+
+def test_generate_explains_a_missing_source(tmp_path, tiny_ckpt, capsys):
+    assert main(["generate", "--checkpoint", str(tiny_ckpt), "--task", "image_edit", "--prompt", "x", "--out", str(tmp_path)]) == 2
+    assert "needs --image or --video" in capsys.readouterr().err
+
+
+def test_bench_rollout_reports_both_timings(tmp_path, capsys):
+    assert main(["bench", "rollout", "--group-size", "2", "--steps", "2", "--out", str(tmp_path / "b.json")]) == 0
+    (result,) = json.loads((tmp_path / "b.json").read_text())
+    assert result["group_size"] == 2 and result["grouped_s"] > 0 and result["one_at_a_time_s"] > 0 and "speedup" in result

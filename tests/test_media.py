@@ -112,6 +112,25 @@ def test_bucket_resize_center_crops_to_bucket_aspect():
     assert np.abs(out.astype(int) - (0, 200, 0)).max() <= 2
 
 
+@pytest.mark.parametrize("h,w", [(480, 640), (500, 333), (37, 91), (64, 72), (90, 210), (101, 99)])
+def test_bucket_resize_matches_release_transform(h, w):
+    """Same pixels as the release's torchvision RandomResizedCrop(scale=(1, 1), ratio=(r, r)) + PIL bicubic.
+
+    Where the input already has the bucket's aspect, the release picks a random offset of at most a pixel;
+    our centred choice must be one of its outcomes.
+    """
+    tv = pytest.importorskip("torchvision.transforms")
+    frame = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    bh, bw = bucket_size(h, w, 256)
+    crop = tv.RandomResizedCrop((bh, bw), scale=(1, 1), ratio=(bw / bh,) * 2, interpolation=tv.InterpolationMode.BICUBIC)
+    ours = bucket_resize(frame, 256)[0]
+    outcomes = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        outcomes.append(np.asarray(crop(Image.fromarray(frame))))
+    assert any(np.array_equal(ours, o) for o in outcomes)
+
+
 def test_divisible_crop_is_centered():
     frame = np.zeros((1, 30, 45, 3), np.uint8)
     frame[0, 7, 6] = 255  # torchvision offsets: top round(14/2)=7, left round(13/2)=6 (half to even)
@@ -271,6 +290,24 @@ def test_truncated_mp4(tmp_path):
     p.write_bytes(p.read_bytes()[:200])
     with pytest.raises(MediaError, match="cut.mp4"):
         read_video(p)
+
+
+def test_zero_frame_video(tmp_path):
+    # a Matroska file cut just after its first Cluster header: the stream exists, no frame decodes
+    full = tmp_path / "full.mkv"
+    with av.open(str(full), "w", format="matroska") as c:
+        s = c.add_stream("libx264", rate=12)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for f in ramp_frames(3, 48, 64):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+    data = full.read_bytes()
+    p = tmp_path / "noframes.mkv"
+    p.write_bytes(data[: data.find(bytes.fromhex("1F43B675")) + 12])
+    with pytest.raises(MediaError, match="noframes.mkv.*zero decodable frames"):
+        read_media(p)
+    with pytest.raises(ValueError):
+        write_mp4(np.zeros((0, 48, 64, 3), np.uint8), tmp_path / "none.mp4")
 
 
 def test_zero_byte_file(tmp_path):
