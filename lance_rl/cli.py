@@ -47,8 +47,10 @@ def _print_inspection(info: dict) -> None:
         v = info["vit"]
         print(f"vit          depth {v['depth']}, hidden {v['hidden_size']}, {v['num_heads']} heads -> "
               f"{v['out_hidden_size']} ({info['vit_dir'] or 'from model file'})")  # fmt: skip
-    print(f"generation   latent channels {c['latent_channels']}, VAE '{c['vae']}', max latent size {c['max_latent_size']}, "
+    v = info["vae"]
+    print(f"generation   latent channels {c['latent_channels']}, max latent size {c['max_latent_size']}, "
           f"max frames {c['max_num_frames']}")  # fmt: skip
+    print(f"vae          {v['kind']}: {v['weights'] or '-'} ({v['note']})")
     print("parameters   " + ", ".join(f"{name} {count:,}" for name, count in p.items()))
     print(f"stored       {s['tensors']} tensors, {s['parameters']:,} values, dtypes {s['dtypes']}")
     status = "all keys match" if k["ok"] else "KEY PROBLEMS"

@@ -7,7 +7,7 @@
     ├── tokenizer.json, tokenizer_config.json, vocab.json, merges.txt
     └── Qwen2.5-VL-ViT/        config.json + vit.safetensors (bare ViT keys); the release keeps this folder beside
                                the model directory, so both places are searched
-    Wan2.2_VAE.pth             beside the model directory (see model/vae.py)
+    Wan2.2_VAE.pth             beside (or inside) the model directory, see model/vae.py
 
 Loading follows the official order: ViT weights from `vit.safetensors` first, then `model.safetensors`, whose
 `vit_model.*` keys win. `latent_pos_embed.pos_embed` is dropped (recomputed). The model is built on the meta device
@@ -291,7 +291,12 @@ def init_tiny(
     )
     torch.manual_seed(seed)
     model = LanceModel(config)
-    return save_lance(model, tokenizer, out_dir)
+    out = save_lance(model, tokenizer, out_dir)
+    if vae == "wan2.2":
+        from .vae import WAN_VAE_DIFFUSERS_DIR, write_tiny_wan_vae
+
+        write_tiny_wan_vae(out / WAN_VAE_DIFFUSERS_DIR, seed=seed)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ inspection
@@ -318,6 +323,9 @@ def inspect_checkpoint(path: str | Path, vit_dir: str | Path | None = None, weig
             count *= s
         stored_params += count
     vit_cfg = model.vit_model.config if model.vit_model is not None else None
+    from .vae import find_wan_vae
+
+    vae_path = find_wan_vae(model_dir) if config.vae == "wan2.2" else None
     return {
         "checkpoint": str(model_dir),
         "weights_file": weights_file(model_dir, weights).name,
@@ -354,6 +362,12 @@ def inspect_checkpoint(path: str | Path, vit_dir: str | Path | None = None, weig
             "num_heads": vit_cfg.num_heads,
             "out_hidden_size": vit_cfg.out_hidden_size,
             "fullatt_block_indexes": list(vit_cfg.fullatt_block_indexes),
+        },
+        "vae": {
+            "kind": config.vae,
+            "weights": str(vae_path) if vae_path else None,
+            "note": "lossless space-to-depth codec, not Wan2.2" if config.vae == "patch"
+            else ("found" if vae_path else "Wan2.2_VAE.pth not found inside or beside the checkpoint"),
         },
         "parameters": model.parameter_counts(),
         "stored": {"tensors": len(stored), "parameters": stored_params, "dtypes": dtypes},

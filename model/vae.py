@@ -260,8 +260,9 @@ class WanVAE:
     clamped nor rescaled by `std` (spec quirk 9.8). `sample=False` returns `mu_n`.
 
     Memory: diffusers decodes one latent frame at a time (and encodes one chunk of 4 frames at a time) with causal
-    feature caches, so activations scale with one frame's area, not with the frame count: about 10 GB in fp32 at
-    480x848 (extrapolated from CPU measurements) plus the 0.6 GB output of a 121-frame video and 2.8 GB of weights.
+    feature caches, so activations scale with one frame's area, not with the frame count: roughly 10 GB in fp32 at
+    480x848 (scaled from a CPU measurement, not measured on a GPU), plus the 0.6 GB output of a 121-frame video and
+    2.8 GB of weights.
     `tiling=True` (diffusers' `enable_tiling`; default tiles 256 px, stride 192, with blended seams) bounds them by the
     tile size instead. There is no batch to slice (one video per call). Runs in fp32 by default, on any device; no
     autocast. Never trained: eval mode, no gradients.
@@ -389,13 +390,26 @@ class WanVAE:
 
 
 # ----------------------------------------------------------------------------------------------------------- builders
+WAN_VAE_DIFFUSERS_DIR = "Wan2.2_VAE"  # a diffusers-format folder (what `init-tiny --vae wan2.2` writes)
+
+
 def find_wan_vae(model_dir: str | Path) -> Path | None:
-    """`Wan2.2_VAE.pth` inside `model_dir` or beside it (the release's `downloads/` layout), else None."""
+    """`Wan2.2_VAE.pth` inside `model_dir` or beside it (the release's `downloads/` layout), or a diffusers-format
+    `Wan2.2_VAE/` folder inside it; else None."""
     model_dir = Path(model_dir)
     for candidate in (model_dir / WAN_VAE_FILE, model_dir.parent / WAN_VAE_FILE):
         if candidate.is_file():
             return candidate
-    return None
+    folder = model_dir / WAN_VAE_DIFFUSERS_DIR
+    return folder if (folder / "config.json").is_file() else None
+
+
+def write_tiny_wan_vae(directory: str | Path, seed: int = 0, base_dim: int = 8, decoder_base_dim: int = 12) -> Path:
+    """A tiny random Wan2.2-structured VAE in diffusers format (same layout as the release, narrow channels)."""
+    torch.manual_seed(seed)
+    model = _autoencoder_kl_wan()(**wan22_diffusers_config(base_dim=base_dim, decoder_base_dim=decoder_base_dim))
+    model.save_pretrained(str(directory))
+    return Path(directory)
 
 
 def build_vae(config_or_kind, path: str | Path | None = None, device="cpu", dtype: torch.dtype = torch.float32,

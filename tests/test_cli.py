@@ -80,3 +80,19 @@ def test_bench_rollout_reports_both_timings(tmp_path, capsys):
     assert main(["bench", "rollout", "--group-size", "2", "--steps", "2", "--out", str(tmp_path / "b.json")]) == 0
     (result,) = json.loads((tmp_path / "b.json").read_text())
     assert result["group_size"] == 2 and result["grouped_s"] > 0 and result["one_at_a_time_s"] > 0 and "speedup" in result
+
+
+def test_init_tiny_with_a_tiny_wan_vae_generates_video(tmp_path, capsys):
+    from model import media
+
+    ckpt = tmp_path / "wan"
+    assert main(["init-tiny", str(ckpt), "--vae", "wan2.2"]) == 0
+    assert main(["inspect", str(ckpt), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["vae"]["kind"] == "wan2.2" and info["vae"]["weights"].endswith("Wan2.2_VAE")
+    assert main(["generate", "--checkpoint", str(ckpt), "--task", "t2v", "--prompt", "a circle", "--frames", "5",
+                 "--height", "32", "--width", "32", "--steps", "2", "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    record = json.loads((tmp_path / "out" / "generation.json").read_text())
+    assert record["codec"] == "WanVAE" and record["latent_grid"] == [2, 2, 2]  # 5 frames -> 2 latent frames, 16x
+    frames, _ = media.read_video(tmp_path / "out" / "sample_000.mp4", frame_rule=None)
+    assert frames.shape == (5, 32, 32, 3)
