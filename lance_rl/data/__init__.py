@@ -1,0 +1,1 @@
+"""Datasets: the official parquet schema, simple manifests, prompt sets and the synthetic shapes world."""

@@ -1,0 +1,162 @@
+"""The shapes world: procedurally drawn images (and short clips) that a tiny Lance can learn on a CPU in minutes.
+
+A white canvas holds 1-3 flat shapes of one colour and one kind in one half of the image, captioned "two red circles on
+the left"; clips move such a group across the frame ("one blue square moving right"). The vocabulary and the checker
+live in `rewards/shapes.py`, so what is drawn here is exactly what the `shapes` reward checks. A fixed set of captions
+is held out of training, so evaluation measures composition on unseen combinations.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from rewards.shapes import COLORS, ShapesPrompt, all_prompts
+
+NUM_HELDOUT = 24  # of 144 captions; never seen in training
+DIRECTIONS = ("left", "right", "up", "down")
+
+
+def split_prompts(seed: int = 0) -> tuple[list[ShapesPrompt], list[ShapesPrompt]]:
+    """(train, held-out) captions: a fixed shuffle, so every run and every tool sees the same split."""
+    prompts = all_prompts()
+    random.Random(seed).shuffle(prompts)
+    return sorted(prompts[NUM_HELDOUT:], key=str), sorted(prompts[:NUM_HELDOUT], key=str)
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=color)
+    elif shape == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=color)
+    else:  # an upright triangle filling half its box
+        draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=color)
+
+
+def _region(position: str, size: int) -> tuple[int, int, int, int]:
+    """The half of the canvas a position names (x0, y0, x1, y1), with a one-pixel margin at the centre line."""
+    half = size // 2
+    return {
+        "left": (0, 0, half - 1, size),
+        "right": (half + 1, 0, size, size),
+        "top": (0, 0, size, half - 1),
+        "bottom": (0, half + 1, size, size),
+    }[position]
+
+
+def _place(count: int, side: int, region, rng: random.Random) -> list[tuple[int, int, int, int]]:
+    """Non-touching boxes of `side` px inside `region` (rejection sampling; a 2 px gap keeps components apart)."""
+    x0, y0, x1, y1 = region
+    for _ in range(1000):
+        boxes = []
+        for _ in range(count):
+            x, y = rng.randint(x0, x1 - side), rng.randint(y0, y1 - side)
+            box = (x, y, x + side, y + side)
+            if all(box[2] + 2 <= b[0] or b[2] + 2 <= box[0] or box[3] + 2 <= b[1] or b[3] + 2 <= box[1] for b in boxes):
+                boxes.append(box)
+        if len(boxes) == count:
+            return boxes
+    raise RuntimeError(f"could not place {count} shapes of {side} px in {region}")
+
+
+def render(prompt: ShapesPrompt, size: int = 32, rng: random.Random | None = None) -> np.ndarray:
+    """uint8 [size, size, 3] image of the prompt; shapes are about a fifth of the canvas side."""
+    rng = rng or random.Random(0)
+    side = max(4, size // 5 + rng.randint(0, 1))
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for box in _place(prompt.count, side, _region(prompt.position, size), rng):
+        _draw(draw, prompt.shape, box, COLORS[prompt.color])
+    return np.asarray(image)
+
+
+@dataclass(frozen=True)
+class MotionPrompt:
+    """A clip caption: "two red circles moving right"."""
+
+    color: str
+    shape: str
+    count: int
+    direction: str
+
+    @property
+    def caption(self) -> str:
+        still = ShapesPrompt(self.color, self.shape, self.count, "left").caption.rsplit(" on the ", 1)[0]
+        return f"{still} moving {self.direction}"
+
+
+def render_clip(prompt: MotionPrompt, num_frames: int = 9, size: int = 32, rng: random.Random | None = None) -> np.ndarray:
+    """uint8 [T, size, size, 3]: the group starts on one side and moves steadily to the other."""
+    rng = rng or random.Random(0)
+    side = max(4, size // 5 + 1)
+    start_region = _region({"right": "left", "left": "right", "down": "top", "up": "bottom"}[prompt.direction], size)
+    boxes = _place(prompt.count, side, start_region, rng)
+    travel = size // 2
+    dx, dy = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}[prompt.direction]
+    frames = []
+    for f in range(num_frames):
+        shift = round(travel * f / max(1, num_frames - 1))
+        image = Image.new("RGB", (size, size), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        for x0, y0, x1, y1 in boxes:
+            _draw(draw, prompt.shape, (x0 + dx * shift, y0 + dy * shift, x1 + dx * shift, y1 + dy * shift), COLORS[prompt.color])
+        frames.append(np.asarray(image))
+    return np.stack(frames)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_parquet(
+    path: str | Path, num_images: int, split: str = "train", seed: int = 0, size: int = 32, prompt_seed: int = 0
+) -> Path:
+    """`num_images` rows of the official `text2image_general` schema (caption, image_bytes) from one prompt split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train, heldout = split_prompts(prompt_seed)
+    prompts = {"train": train, "heldout": heldout}[split]
+    rng = random.Random(seed)
+    captions, images = [], []
+    for i in range(num_images):
+        prompt = prompts[rng.randrange(len(prompts))]
+        captions.append(prompt.caption)
+        images.append(png_bytes(render(prompt, size, rng)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"caption": captions, "image_bytes": images}), path, row_group_size=256)
+    return path
+
+
+def write_video_parquet(path: str | Path, num_clips: int, num_frames: int = 9, size: int = 32, seed: int = 0) -> Path:
+    """`num_clips` rows of the official `text2video_general` schema (caption, video_bytes as MP4)."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from model.media import write_mp4
+
+    rng = random.Random(seed)
+    captions, videos = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(num_clips):
+            prompt = MotionPrompt(rng.choice(list(COLORS)), rng.choice(("circle", "square")), rng.randint(1, 2), rng.choice(DIRECTIONS))
+            clip = render_clip(prompt, num_frames, size, rng)
+            mp4 = Path(tmp) / f"{i}.mp4"
+            write_mp4(clip, mp4, fps=12)
+            captions.append(prompt.caption)
+            videos.append(mp4.read_bytes())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"caption": captions, "video_bytes": videos}), path)
+    return path
