@@ -90,6 +90,22 @@ def _understand(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft(args: argparse.Namespace) -> int:
+    from lance_rl.sft import recipe_main
+
+    last = recipe_main(args.config, args.overrides, resume=args.resume)
+    print(f"sft finished at step {last.get('step')}: loss {last.get('loss', float('nan')):.4f}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lance_rl.export import export
+
+    out = export(args.run, args.out, ema=args.ema)
+    print(f"exported {args.run} to {out} (official layout)")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from lance_rl.bench import run
 
@@ -164,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.set_defaults(func=_understand)
 
+    p = sub.add_parser("sft", help="supervised fine-tuning from a YAML recipe")
+    p.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="key=value to set a field, ~key to reset it")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.set_defaults(func=_sft)
+
+    p = sub.add_parser("export", help="merge a run's latest checkpoint into an official-layout model directory")
+    p.add_argument("run", help="a run directory (or one of its checkpoint directories)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ema", action="store_true", help="export the EMA weights (full training)")
+    p.set_defaults(func=_export)
+
     p = sub.add_parser("bench", help="throughput benchmarks, reported as ratios measured in one run")
     p.add_argument("names", nargs="*", help="benchmarks to run (default: rollout)")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: a fresh tiny one)")
@@ -175,10 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # includes RecipeError, CheckpointError, MediaError
         print(f"lance-rl {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,1 +1,25 @@
-"""Reward models for lance-rl (the reward contract, registry and built-ins)."""
+"""Reward models for lance-rl: the contract, the registry, mixing, running, and the built-ins.
+
+Importing this package is light (numpy only): built-ins import their heavy dependencies (open_clip, transformers,
+onnxruntime, ray) when they are loaded. See ``rewards.base`` for the contract and ``rewards.mix`` for the recipe form.
+"""
+
+from .base import (
+    MODALITIES,
+    FunctionReward,
+    ModalityError,
+    Reward,
+    RewardError,
+    RewardOutput,
+    as_reward,
+    reward,
+)
+from .mix import Component, RewardMix, build_mix
+from .registry import REGISTRY, known_rewards, load_reward, register
+from .runner import FailurePolicy, RewardRunner, score_with_policy
+
+__all__ = [
+    "MODALITIES", "FunctionReward", "ModalityError", "Reward", "RewardError", "RewardOutput", "as_reward", "reward",
+    "Component", "RewardMix", "build_mix", "REGISTRY", "known_rewards", "load_reward", "register",
+    "FailurePolicy", "RewardRunner", "score_with_policy",
+]  # fmt: skip

@@ -1,0 +1,47 @@
+"""`lance-rl export RUN --out DIR`: a run's latest checkpoint as an official-layout model directory.
+
+A LoRA checkpoint is merged into its base model; a full checkpoint is copied (with its EMA weights when asked).
+The result loads in `lance-rl generate`, in the official inference code, and as `model.checkpoint` of a later recipe.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+def latest_checkpoint(run: str | Path) -> Path:
+    """A run directory's latest checkpoint, or the checkpoint directory itself."""
+    run = Path(run)
+    if (run / "trainer_state.pt").is_file():
+        return run
+    latest = run / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"{run} has no checkpoint yet (no 'latest' file)")
+    return run / "checkpoints" / latest.read_text().strip()
+
+
+def export(run: str | Path, out: str | Path, ema: bool = False) -> Path:
+    from model.checkpoint import load_lance, save_lance
+
+    ckpt = latest_checkpoint(run)
+    out = Path(out)
+    if (ckpt / "adapter").is_dir():
+        from peft import PeftModel
+
+        base_dir = (ckpt / "adapter" / "base_checkpoint.txt").read_text().strip()
+        loaded = load_lance(base_dir)
+        merged = PeftModel.from_pretrained(loaded.model, str(ckpt / "adapter")).merge_and_unload()
+        save_lance(merged, loaded.tokenizer, out)
+        return out
+    model_dir = ckpt / "model"
+    if ema:
+        if not (model_dir / "ema.safetensors").is_file():
+            raise FileNotFoundError(f"{model_dir} has no ema.safetensors (train with train.ema_decay > 0)")
+        loaded = load_lance(model_dir, weights="ema")
+        return save_lance(loaded.model, loaded.tokenizer, out)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(model_dir, out)
+    (out / "ema.safetensors").unlink(missing_ok=True)
+    return out
