@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
@@ -106,6 +107,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shapes_data(args: argparse.Namespace) -> int:
+    from lance_rl.data.shapes import write_parquet, write_video_parquet
+
+    out = Path(args.out_dir)
+    train = write_parquet(out / "train.parquet", args.num_images, "train", seed=args.seed, size=args.size)
+    heldout = write_parquet(out / "heldout.parquet", args.num_heldout, "heldout", seed=args.seed + 1, size=args.size)
+    print(f"wrote {args.num_images} training images to {train} and {args.num_heldout} held-out images to {heldout}")
+    if args.num_clips:
+        clips = write_video_parquet(out / "clips.parquet", args.num_clips, size=args.size, seed=args.seed)
+        print(f"wrote {args.num_clips} clips to {clips}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from lance_rl.bench import run
 
@@ -191,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--ema", action="store_true", help="export the EMA weights (full training)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("shapes-data", help="write the synthetic shapes world in the official parquet schema")
+    p.add_argument("out_dir")
+    p.add_argument("--num-images", type=int, default=20000)
+    p.add_argument("--num-heldout", type=int, default=480)
+    p.add_argument("--num-clips", type=int, default=0, help="also write moving-shapes clips (text2video_general)")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_shapes_data)
 
     p = sub.add_parser("bench", help="throughput benchmarks, reported as ratios measured in one run")
     p.add_argument("names", nargs="*", help="benchmarks to run (default: rollout)")

@@ -138,12 +138,29 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         path = key.strip().split(".")
         node = data
         for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise RecipeError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = yaml.safe_load(raw) if raw.strip() else None
+            node = _child(node, part, item)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(node, list):
+            node[_index(node, path[-1], item)] = value
+        else:
+            node[path[-1]] = value
     return data
+
+
+def _index(node: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"override {item!r}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _child(node, part: str, item: str):
+    """Step into a section (creating it) or a list element (`datasets.0.path`)."""
+    if isinstance(node, list):
+        return node[_index(node, part, item)]
+    child = node.setdefault(part, {})
+    if not isinstance(child, (dict, list)):
+        raise RecipeError(f"override {item!r}: {part!r} is not a section")
+    return child
 
 
 def load_recipe(cls, path: str | Path | None, overrides: list[str] | None = None):

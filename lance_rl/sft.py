@@ -197,7 +197,7 @@ def flow_loss(out, ce_weight: float, mse_weight: float) -> tuple[torch.Tensor, d
     zero = out.hidden.new_zeros(())
     mse = out.mse.mean(-1).mean() if out.mse.numel() else zero
     ce = out.ce.mean() if out.ce.numel() else zero
-    return mse_weight * mse + ce_weight * ce, {"mse": float(mse), "ce": float(ce)}
+    return mse_weight * mse + ce_weight * ce, {"mse": float(mse.detach()), "ce": float(ce.detach())}
 
 
 # ------------------------------------------------------------------------------------------------ the trainer

@@ -4,6 +4,7 @@ The world: a white canvas with 1-3 flat shapes of one colour and one kind, place
 "two red circles on the left". The checker segments the image by the palette, finds connected components, and checks
 each attribute of the caption:
 
+    canvas    (a gate) at least half the image is near-white background, else every attribute fails
     color     the caption's colour covers at least half of the non-background pixels
     count     the number of components of that colour equals the caption's count
     position  every such component's centroid lies in the caption's half
@@ -128,9 +129,17 @@ def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
     return out
 
 
+def background_fraction(image: np.ndarray, max_distance: float = 60.0) -> float:
+    """Share of near-white pixels. Shapes images are mostly canvas (>80%); noise and smears are not."""
+    return float((np.linalg.norm(image.astype(np.float32) - 255.0, axis=-1) <= max_distance).mean())
+
+
 def check(image: np.ndarray, prompt: ShapesPrompt) -> dict[str, bool]:
-    """Which attributes of `prompt` the image shows; also 'strict' (all of them)."""
+    """Which attributes of `prompt` the image shows; also 'strict' (all of them). An image that is not mostly white
+    canvas shows nothing: without this gate, noise scatters pixels of every colour and passes colour checks by luck."""
     h, w = image.shape[:2]
+    if background_fraction(image) < 0.5:
+        return dict.fromkeys((*ATTRIBUTES, "strict"), False)
     comps = segment(image)
     target = [c for c in comps if c.color == prompt.color]
     colored = sum(c.area for c in comps)

@@ -71,7 +71,7 @@ class FrameReward(Reward):
         self.num_frames, self.reduce = num_frames, reduce
         self.name = f"frames({self.inner.name})"
 
-    def score(self, *, prompts, videos, conditions=None, metadata=None, **kwargs):
+    def score(self, *, prompts, videos, images=None, conditions=None, metadata=None, **kwargs):
         owner, images = [], []
         for i, video in enumerate(videos):
             for t in frame_indices(len(video), self.num_frames):
