@@ -14,7 +14,7 @@ what an uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-import dataclasses
+import glob
 import json
 import logging
 import math
@@ -106,7 +106,7 @@ class SFTConfig:
         if not (Path(self.model.checkpoint) / "llm_config.json").is_file():
             raise RecipeError(f"model.checkpoint: {self.model.checkpoint} is not a Lance checkpoint (no llm_config.json)")
         for i, d in enumerate(self.data.datasets):
-            if not any(Path().glob(d.path)) and not Path(d.path).exists():
+            if not Path(d.path).exists() and not glob.glob(d.path):
                 raise RecipeError(f"data.datasets[{i}].path: {d.path} does not exist")
 
 
@@ -342,7 +342,7 @@ class SFTRecipe:
                     totals["skipped"] = 1
                     break
                 (loss / t.accumulate).backward()
-                totals["loss"] += float(loss) / t.accumulate
+                totals["loss"] += float(loss.detach()) / t.accumulate
                 totals["mse"] += parts["mse"] / t.accumulate
                 totals["ce"] += parts["ce"] / t.accumulate
                 totals["tokens"] += tokens

@@ -68,7 +68,7 @@ def _ranges(indices: list[int]) -> str:
 
 @dataclass
 class RewardOutput:
-    """``scores[i]`` is a float or None ("does not apply to sample i"); each ``details`` list has one entry per sample."""
+    """``scores[i]``: a float, or None ("does not apply to sample i"); each ``details`` list has one per sample."""
 
     scores: list[float | None]
     details: dict[str, list] = field(default_factory=dict)
@@ -84,7 +84,7 @@ def _as_float(x) -> float | None:
 
 
 def as_output(result: Any, n: int, name: str) -> RewardOutput:
-    """Normalise what a reward returned (RewardOutput, ``(scores, details)``, a list/array/tensor) and check its length."""
+    """Normalise a reward's return value (RewardOutput, ``(scores, details)``, list/array/tensor); check its length."""
     if isinstance(result, RewardOutput):
         scores, details = result.scores, result.details
     elif isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict):
@@ -139,10 +139,13 @@ def check_batch(
         raise ModalityError(f"reward {name!r}: prompts must be a list of strings, got {type(prompts).__name__}")
     n = len(prompts)
     if (images is None) == (videos is None):
-        raise ModalityError(f"reward {name!r}: give exactly one of images= or videos= (got {'both' if images is not None else 'neither'})")
+        got = "both" if images is not None else "neither"
+        raise ModalityError(f"reward {name!r}: give exactly one of images= or videos= (got {got})")
     given = "image" if images is not None else "video"
     if given not in modalities:
-        hint = " (wrap it with rewards.video.FrameReward, registry name 'frames', to score sampled frames)" if given == "video" else ""
+        hint = ""
+        if given == "video":
+            hint = " (wrap it with rewards.video.FrameReward, registry name 'frames', to score sampled frames)"
         raise ModalityError(f"reward {name!r} scores {', '.join(modalities)} only, but was given {given}s{hint}")
     batch = {"prompts": list(prompts), "images": None, "videos": None, "conditions": None, "metadata": None}
     if images is not None:
@@ -152,10 +155,15 @@ def check_batch(
     if conditions is not None:
         if len(conditions) != n:
             raise ModalityError(f"reward {name!r}: got {len(conditions)} conditions for {n} prompts")
-        batch["conditions"] = [None if c is None else _frames(c, f"conditions[{i}]", np.asarray(c).ndim) for i, c in enumerate(conditions)]
+        batch["conditions"] = [None if c is None else _frames(c, f"conditions[{i}]", 4 if np.ndim(c) == 4 else 3)
+                               for i, c in enumerate(conditions)]  # fmt: skip
     if metadata is not None:
         if len(metadata) != n:
             raise ModalityError(f"reward {name!r}: got {len(metadata)} metadata entries for {n} prompts")
+        bad = [i for i, m in enumerate(metadata) if m is not None and not isinstance(m, dict)]
+        if bad:
+            kind = type(metadata[bad[0]]).__name__
+            raise ModalityError(f"reward {name!r}: metadata entries must be dicts, got a {kind} at index {bad[0]}")
         batch["metadata"] = [dict(m or {}) for m in metadata]
     return batch
 
@@ -197,8 +205,11 @@ class FunctionReward(Reward):
         self.fn = functools.partial(fn, **kwargs) if kwargs else fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.modalities = tuple(modalities)
-        params = inspect.signature(fn).parameters
-        self._takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # some builtins and C callables have no signature: pass everything
+            params = {}
+        self._takes_all = not params or any(p.kind is p.VAR_KEYWORD for p in params.values())
         self._accepted = set(params)
 
     def score(self, **batch):

@@ -138,7 +138,8 @@ class RewardMix(Reward):
 
     def __call__(self, *, prompts, images=None, videos=None, conditions=None, metadata=None, **kwargs) -> RewardOutput:
         # No batch check here: each component checks the batch against its own declared modalities.
-        return self.score(prompts=prompts, images=images, videos=videos, conditions=conditions, metadata=metadata, **kwargs)
+        batch = dict(prompts=prompts, images=images, videos=videos, conditions=conditions, metadata=metadata)
+        return self.score(**batch, **kwargs)
 
     def state_dict(self) -> dict:
         """Running normalisation statistics, to save with an RL checkpoint."""

@@ -60,7 +60,11 @@ class RayRewardPool(Reward):
         actor_options.setdefault("max_restarts", 1)  # a crashed actor (OOM) comes back for the next batch
         cls = ray.remote(_RewardActor).options(num_cpus=num_cpus, num_gpus=num_gpus, **actor_options)
         self.actors = [cls.remote(reward, reward_kwargs or {}, num_gpus > 0) for _ in range(num_actors)]
-        infos = ray.get([a.info.remote() for a in self.actors])  # waits for loading; load errors surface here
+        try:  # waits for loading, so a reward that cannot load fails here, with its own message
+            infos = ray.get([a.info.remote() for a in self.actors])
+        except ray.exceptions.RayActorError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            raise RuntimeError(f"reward pool {reward!r}: the actors could not load the reward: {lines[-1]}") from e
         self.name, self.modalities = infos[0][0], tuple(infos[0][1])
 
     def score(self, **batch) -> RewardOutput:
@@ -75,7 +79,12 @@ class RayRewardPool(Reward):
         for actor, idx in zip(self.actors, chunks):
             part = {k: (v if v is None or k not in per_sample else [v[i] for i in idx]) for k, v in batch.items()}
             refs.append(actor.score.remote(part))
-        outs = ray.get(refs)
+        try:
+            outs = ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, Exception):  # the reward's own exception, for a readable failure report
+                raise e.cause from e
+            raise
         scores = [s for out in outs for s in out.scores]
         keys = dict.fromkeys(k for out in outs for k in out.details)
         details = {k: [v for out in outs for v in out.details.get(k, [None] * len(out))] for k in keys}

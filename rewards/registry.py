@@ -93,7 +93,7 @@ def load_reward(spec, **kwargs) -> Reward:
             obj.name = name
     if isinstance(obj, Reward):
         if kwargs:
-            raise TypeError(f"reward {spec!r} is already an instance; it takes no keyword arguments (got {sorted(kwargs)})")
+            raise TypeError(f"reward {spec!r} is already an instance; it takes no keyword arguments ({sorted(kwargs)})")
         return obj
     if not callable(obj):
         raise TypeError(f"reward {spec!r} resolves to a {type(obj).__name__}, which is not callable")

@@ -224,7 +224,7 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 0, token: str | Non
     from .registry import load_reward
 
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        print(f"warning: serving a reward on {host} without a token; anyone who can reach it can use it", file=sys.stderr)
+        print(f"warning: serving a reward on {host} with no token: anyone who can reach it can use it", file=sys.stderr)
     return RewardServer(load_reward(reward, **(reward_kwargs or {})), host, port, token, max_concurrency)
 
 
@@ -281,7 +281,8 @@ class RemoteReward(Reward):
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         data = None if body is None else json.dumps(body, default=_json_default).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers=headers, method="GET" if data is None else "POST")
+        method = "GET" if data is None else "POST"
+        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:

@@ -89,7 +89,8 @@ def score_with_policy(reward: Reward, policy: FailurePolicy, **batch) -> RewardO
             raise
         except RewardError as e:  # the reward already spent its own retries (e.g. the remote client): final
             last_error = e
-            reasons = {i: str(e) for i in pending}
+            inner = {pending[j]: r for j, r in zip(e.indices, e.reasons) if j < len(pending)}
+            reasons = {i: inner.get(i, str(e)) for i in pending}
             break
         except Exception as e:  # noqa: BLE001 - any failure of a user's reward is retried, then reported
             last_error = e

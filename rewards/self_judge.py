@@ -24,8 +24,8 @@ class SelfJudge(Reward):
     modalities = ("image", "video")
 
     def __init__(self, model=None, tokenizer=None, checkpoint: str | None = None, device="cpu",
-                 resolution: str | int | None = None, question: str = QUESTION,
-                 yes: tuple[str, ...] = ("Yes", "yes"), no: tuple[str, ...] = ("No", "no"), max_frames: int = 8):  # fmt: skip
+                 resolution: str | int | None = None, question: str = QUESTION, yes=("Yes", "yes"), no=("No", "no"),
+                 max_frames: int = 8):  # fmt: skip
         if model is None:
             if checkpoint is None:
                 raise ValueError("self_judge needs a loaded Lance model (model=, tokenizer=) or a checkpoint directory")

@@ -27,7 +27,8 @@ class TemporalConsistency(Reward):
     modalities = ("video",)
 
     def __init__(self, model_name: str = "ViT-B-32", pretrained: str | None = "openai", device="cpu",
-                 precision: str = "fp32", max_frames: int = 16, batch_size: int = 32, clip: OpenClip | None = None):  # fmt: skip
+                 precision: str = "fp32", max_frames: int = 16, batch_size: int = 32,
+                 clip: OpenClip | None = None):  # fmt: skip
         self.clip = clip or OpenClip.load(model_name, pretrained, device, precision, batch_size=batch_size)
         self.max_frames = max_frames
 

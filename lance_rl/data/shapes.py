@@ -51,14 +51,14 @@ def _region(position: str, size: int) -> tuple[int, int, int, int]:
 
 
 def _place(count: int, side: int, region, rng: random.Random) -> list[tuple[int, int, int, int]]:
-    """Non-touching boxes of `side` px inside `region` (rejection sampling; a 2 px gap keeps components apart)."""
+    """Non-touching boxes of `side` px inside `region` (rejection sampling; a 1 px gap keeps components apart)."""
     x0, y0, x1, y1 = region
     for _ in range(1000):
         boxes = []
         for _ in range(count):
             x, y = rng.randint(x0, x1 - side), rng.randint(y0, y1 - side)
             box = (x, y, x + side, y + side)
-            if all(box[2] + 2 <= b[0] or b[2] + 2 <= box[0] or box[3] + 2 <= b[1] or b[3] + 2 <= box[1] for b in boxes):
+            if all(box[2] + 1 <= b[0] or b[2] + 1 <= box[0] or box[3] + 1 <= b[1] or b[3] + 1 <= box[1] for b in boxes):
                 boxes.append(box)
         if len(boxes) == count:
             return boxes
