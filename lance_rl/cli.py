@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_shapes_data)
 
+    sub.add_parser("serve-reward", help="serve a reward over HTTP (see rewards/remote.py; --help for options)")
+
     p = sub.add_parser("bench", help="throughput benchmarks, reported as ratios measured in one run")
     p.add_argument("names", nargs="*", help="benchmarks to run (default: rollout)")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: a fresh tiny one)")
@@ -227,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     import logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve-reward"]:  # its own parser lives with the server
+        from rewards.remote import main as serve_main
+
+        return serve_main(argv[1:]) or 0
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)

@@ -174,3 +174,17 @@ def score_images(images, prompts) -> tuple[list[float | None], dict[str, list]]:
         for k in details:
             details[k].append(float(result[k]))
     return scores, details
+
+
+from .base import Reward  # noqa: E402  (the checker above needs nothing from the contract)
+
+
+class ShapesReward(Reward):
+    """The `shapes` reward: partial credit in [0, 1] (mean of colour, count, position, shape); details per attribute
+    and `strict` (all four, GenEval-style accuracy). None for prompts that are not shapes captions."""
+
+    name = "shapes"
+    modalities = ("image",)
+
+    def score(self, *, prompts, images, **kwargs):
+        return score_images(images, prompts)
