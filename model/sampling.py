@@ -239,13 +239,19 @@ class Prefix:
         )
 
 
-@torch.no_grad()
 def encode_prefix(
-    model, tokenizer: LanceTokenizer, requests: list[GenerationRequest], cfg: CFGConfig | None = None
+    model, tokenizer: LanceTokenizer, requests: list[GenerationRequest], cfg: CFGConfig | None = None, grad: bool = False
 ) -> Prefix:
     """Build each request's sequence and run every split before the noisy target block once, into a conditional KV
-    cache and, with text CFG, an unconditional one (caption removed). Requests must share one target grid."""
-    cfg = cfg or CFGConfig(scale=1.0)
+    cache and, with text CFG, an unconditional one (caption removed). Requests must share one target grid.
+
+    `grad=True` keeps the graph (a policy update whose trainable weights shape the prefix, e.g. an edit source block
+    seen by a trained generation expert); otherwise the cache is a constant."""
+    with torch.set_grad_enabled(grad):
+        return _encode_prefix(model, tokenizer, requests, cfg or CFGConfig(scale=1.0))
+
+
+def _encode_prefix(model, tokenizer, requests, cfg: CFGConfig) -> Prefix:
     grids = {tuple(r.target_grid) for r in requests}
     if len(grids) != 1:
         raise ValueError(f"requests in one batch must share a target grid, got {sorted(grids)}")
@@ -498,18 +504,23 @@ def generate(
     seeds: list[int],
     group_size: int = 1,
     progress=None,
+    noise_seeds: list[int] | None = None,
 ) -> Trajectory:
     """Sample `group_size` outputs per request (seeds: one per output, request-major). The prefix of each request is
-    encoded once and broadcast over its group. Returns latents [B * G, N, C] (reshape to the grid with `prefix.grid`)."""
+    encoded once and broadcast over its group. Returns latents [B * G, N, C] (reshape to the grid with `prefix.grid`).
+
+    Output i starts from the noise of `noise_seeds[i]` (default `seeds[i]`) and draws its SDE noise from
+    `seeds[i] + 1`; equal noise seeds give a group one starting point with different SDE paths."""
     if len(seeds) != len(requests) * group_size:
         raise ValueError(f"need {len(requests) * group_size} seeds (one per output), got {len(seeds)}")
+    noise_seeds = seeds if noise_seeds is None else noise_seeds
     prefix = encode_prefix(model, tokenizer, requests, config.cfg)
     if group_size > 1:
         prefix = prefix.repeat(group_size)
     n = prefix.num_tokens
     cond_tokens = [_condition_tokens(r) for r in requests for _ in range(group_size)]
     device = _device(model)
-    noise = torch.stack([initial_noise(s, n, model.config.latent_channels, k, device) for s, k in zip(seeds, cond_tokens)])
+    noise = torch.stack([initial_noise(s, n, model.config.latent_channels, k, device) for s, k in zip(noise_seeds, cond_tokens)])
     generators = [torch.Generator(device).manual_seed(s + 1) for s in seeds]
     return sample(model, prefix, noise, config, generators if config.kind != "ode" else None, progress)
 
