@@ -77,6 +77,11 @@ def _convert(value: Any, tp, where: str) -> Any:
         return {_convert(k, key_t, where): _convert(v, val_t, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise RecipeError(f"{where}: expected true or false, got {value!r}")
     if tp is int and isinstance(value, bool):

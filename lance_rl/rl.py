@@ -83,6 +83,8 @@ class AlgorithmSection:
     adv_clip_max: float = 5.0
     global_std: bool = True  # divide by the batch's reward std (Flow-GRPO default) instead of the group's
     beta: float = 0.0  # KL weight to the reference policy; Flow-GRPO uses 0.004-0.04 for long runs
+    minibatches: int = 1  # optimizer steps per pass over a rollout batch (the groups are split evenly); with more
+    # than one, later minibatches see ratios away from 1 and the clip range starts to act
     skip_zero_std: bool = True  # groups without reward spread carry no signal: skip their update
     reuse_prefix: bool = True  # reuse the rollout-time prefix cache in the update (exact when only the generation
     # expert trains and the prompt has no VAE condition block; edit tasks recompute it with gradients)
@@ -356,7 +358,7 @@ class RLRecipe:
 
         t, a = self.cfg.train, self.cfg.algorithm
         if self.update == 0 and self.cfg.eval.every > 0:
-            self.evaluate()
+            self._log({"update": 0, **self.evaluate()})  # the starting point of every eval curve
         bar = tqdm(total=t.updates, initial=self.update, desc="rl", unit="update", dynamic_ncols=True)
         last: dict = {}
         while self.update < t.updates:
@@ -383,15 +385,18 @@ class RLRecipe:
             started = time.perf_counter()
             stats = {k: [] for k in ("policy_loss", "kl", "approx_kl", "clip_frac", "ratio")} | {"ratio_by_step": {}}
             trained_groups = [gi for gi in range(len(results)) if not bool(skip[groups == gi].all())]
-            stats["num_terms"] = max(1, len(trained_groups) * len(results[0]["steps"]))
             self.policy.train()
+            prefix_cache: dict = {}
+            grad_norm = 0.0
             for _ in range(a.inner_epochs):
-                self.optimizer.zero_grad(set_to_none=True)
-                prefix_cache: dict = {}
-                for gi in trained_groups:
-                    members = groups == gi
-                    self._loss_for_group(results[gi], requests[gi], adv.values[members].to(self.device), prefix_cache, stats)
-                grad_norm = self._optimizer_step()
+                for chunk in np.array_split(np.array(trained_groups, dtype=int), a.minibatches):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    stats["num_terms"] = max(1, len(chunk) * len(results[0]["steps"]))
+                    for gi in chunk.tolist():
+                        members = groups == gi
+                        self._loss_for_group(results[gi], requests[gi], adv.values[members].to(self.device),
+                                             prefix_cache, stats)  # fmt: skip
+                    grad_norm = self._optimizer_step()
             timing["update"] = time.perf_counter() - started
 
             # 5. New weights to the workers.
@@ -505,7 +510,8 @@ class RLRecipe:
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} | {"time": time.time()}
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
-        log.info("update %d/%d reward %.4f", row["update"], self.cfg.train.updates, row.get("reward/mean", float("nan")))
+        if "reward/mean" in row:
+            log.info("update %d/%d reward %.4f", row["update"], self.cfg.train.updates, row["reward/mean"])
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
