@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,10 +320,11 @@ class RLRecipe:
             if reuse:
                 prefix_cache[key] = prefix
         prefix = prefix.repeat(g)
-        x_t = torch.from_numpy(res["x_t"]).to(self.device)  # [G, S, N, C]
-        x_next = torch.from_numpy(res["x_next"]).to(self.device)
-        old = torch.from_numpy(res["log_probs"]).to(self.device)  # [G, S]
-        times = torch.from_numpy(res["timesteps"]).to(self.device)
+        # Ray hands back read-only arrays: copy them into tensors.
+        x_t = torch.tensor(res["x_t"], device=self.device)  # [G, S, N, C]
+        x_next = torch.tensor(res["x_next"], device=self.device)
+        old = torch.tensor(res["log_probs"], device=self.device)  # [G, S]
+        times = torch.tensor(res["timesteps"], device=self.device)
         steps = res["steps"]
         for j, i in enumerate(steps):
             t, t_next = times[i], times[i + 1]
@@ -337,7 +339,8 @@ class RLRecipe:
                     ref = step(x_t[:, j], v_ref, t, t_next, s.kind, s.noise_level, x_next=x_next[:, j], moving=prefix.moving)
                 kl = gaussian_kl(out.prev_sample_mean, ref.prev_sample_mean, out.std_dev_t).mean()
                 loss = loss + a.beta * kl
-            (loss / stats["num_terms"]).backward()
+            # A prefix built with gradients (edit tasks) is shared by every step: keep its graph until the last one.
+            (loss / stats["num_terms"]).backward(retain_graph=not reuse and j < len(steps) - 1)
             stats["policy_loss"].append(float(pl.loss.detach()))
             stats["kl"].append(float(kl))
             stats["approx_kl"].append(float(pl.approx_kl))
@@ -359,7 +362,8 @@ class RLRecipe:
         t, a = self.cfg.train, self.cfg.algorithm
         if self.update == 0 and self.cfg.eval.every > 0:
             self._log({"update": 0, **self.evaluate()})  # the starting point of every eval curve
-        bar = tqdm(total=t.updates, initial=self.update, desc="rl", unit="update", dynamic_ncols=True)
+        bar = tqdm(total=t.updates, initial=self.update, desc="rl", unit="update", dynamic_ncols=True,
+                   disable=not sys.stderr.isatty())  # fmt: skip  # logs carry the progress when not on a terminal
         last: dict = {}
         while self.update < t.updates:
             timing = {}

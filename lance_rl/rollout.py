@@ -84,7 +84,9 @@ def make_request(model, tokenizer, codec, request: dict):
         if req.task == "i2v":
             req.source_latent = latent[:1]
         else:
-            req.source_vit = patchify_video(media.vit_tensor(frames, resolution))
+            # The ViT needs at least one 28 px merged patch; tiny sources are upsampled for it (not for the VAE).
+            vit_resolution = resolution if isinstance(resolution, str) else max(int(resolution), 28)
+            req.source_vit = patchify_video(media.vit_tensor(frames, vit_resolution))
             req.source_latent = latent
             req.target_grid = tuple(latent.shape[:3])
         request["source_media"] = frames

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,9 +322,11 @@ class SFTRecipe:
         from tqdm import tqdm
 
         t = self.cfg.train
-        bar = tqdm(total=t.steps, initial=self.step, desc="sft", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=t.steps, initial=self.step, desc="sft", unit="step", dynamic_ncols=True,
+                   disable=not sys.stderr.isatty())  # fmt: skip  # logs carry the progress when not on a terminal
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16" and self.device.type == "cuda")
         self.model.train()
+        self._started, self._first_step = time.time(), self.step
         last = {}
         while self.step < t.steps:
             started = time.perf_counter()
@@ -379,6 +382,11 @@ class SFTRecipe:
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} | {"time": time.time()}
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
+        done = row["step"] / self.cfg.train.steps
+        elapsed = row["time"] - self._started
+        eta = elapsed / max(row["step"] - self._first_step, 1) * (self.cfg.train.steps - row["step"])
+        log.info("step %d/%d (%.0f%%) loss %.4f mse %.4f ce %.4f %.0f tok/s, ETA %.0f s", row["step"],
+                 self.cfg.train.steps, 100 * done, row["loss"], row["mse"], row["ce"], row["tokens_per_s"], eta)  # fmt: skip
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time"):
