@@ -2,6 +2,8 @@
 
 rollout: generating a group of G samples from one prompt with the shared, broadcast prefix cache, against a loop that
     generates them one at a time and re-encodes the prompt for each (what a naive rollout worker does).
+train: one policy-update step (forward and backward through every recorded SDE step of a group, LoRA on the
+    generation expert) reusing the rollout's prefix cache, against recomputing the prefix with gradients each time.
 """
 
 from __future__ import annotations
@@ -74,7 +76,56 @@ def bench_rollout(
     }
 
 
-BENCHMARKS = {"rollout": bench_rollout}
+def bench_train(
+    checkpoint: str | None = None,
+    group_size: int = 16,
+    num_steps: int = 10,
+    grid: tuple[int, int, int] = (1, 8, 8),
+    cfg_scale: float = 4.0,
+    repeats: int = 3,
+) -> dict:
+    from lance_rl.config import LoraSection
+    from lance_rl.sft import apply_lora
+    from model.checkpoint import init_tiny, load_lance
+    from model.sampling import CFGConfig, GenerationRequest, SamplerConfig, encode_prefix, generate, step, velocity
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint or init_tiny(Path(tmp) / "tiny", seed=0)
+        loaded = load_lance(path)
+    model, tok = loaded.model, loaded.tokenizer
+    model.requires_grad_(False)
+    policy = apply_lora(model, LoraSection(enabled=True, rank=16, alpha=32.0))
+    cfg = CFGConfig(scale=cfg_scale)
+    config = SamplerConfig(num_steps=num_steps, shift=3.0, kind="sde", noise_level=0.7, sde_window=(0, num_steps - 1), cfg=cfg)
+    request = GenerationRequest("t2i", "two red circles on the left of the image", grid)
+    traj = generate(model, tok, [request], config, list(range(group_size)), group_size=group_size)
+    cached = encode_prefix(model, tok, [request], cfg).repeat(group_size)
+
+    def update(prefix_of):
+        policy.zero_grad(set_to_none=True)
+        for j, i in enumerate(traj.steps):
+            prefix = prefix_of()
+            v = velocity(model, traj.x_t[:, j], traj.timesteps[i], prefix, cfg)
+            out = step(traj.x_t[:, j], v, traj.timesteps[i], traj.timesteps[i + 1], "sde", 0.7, x_next=traj.x_next[:, j])
+            out.log_prob.mean().backward()
+
+    t_reuse = _timed(lambda: update(lambda: cached), repeats)
+    t_fresh = _timed(lambda: update(lambda: encode_prefix(model, tok, [request], cfg, grad=True).repeat(group_size)), repeats)
+    return {
+        "benchmark": "train",
+        "checkpoint": str(checkpoint or "tiny (init-tiny, seed 0)"),
+        "group_size": group_size,
+        "trained_steps": len(traj.steps),
+        "latent_grid": list(grid),
+        "cfg_scale": cfg_scale,
+        "reuse_prefix_s": round(t_reuse, 4),
+        "recompute_prefix_s": round(t_fresh, 4),
+        "speedup": round(t_fresh / t_reuse, 2),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cpu, torch {torch.__version__}",
+    }
+
+
+BENCHMARKS = {"rollout": bench_rollout, "train": bench_train}
 
 
 def run(names: list[str], out: str | None = None, **kwargs) -> list[dict]:

@@ -99,6 +99,15 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rl(args: argparse.Namespace) -> int:
+    from lance_rl.rl import recipe_main
+
+    last = recipe_main(args.config, args.overrides, resume=args.resume)
+    print(f"rl finished at update {last.get('update')}: reward {last.get('reward/mean', float('nan')):.4f}"
+          + (f", eval {last['eval/reward/mean']:.4f}" if "eval/reward/mean" in last else ""))  # fmt: skip
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from lance_rl.export import export
 
@@ -123,8 +132,8 @@ def _shapes_data(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from lance_rl.bench import run
 
-    kwargs = {"checkpoint": args.checkpoint, "group_size": args.group_size, "num_steps": args.steps}
-    run(args.names or ["rollout"], out=args.out, **kwargs)
+    run(args.names or ["rollout", "train"], out=args.out, checkpoint=args.checkpoint, group_size=args.group_size,
+        num_steps=args.steps)  # fmt: skip
     return 0
 
 
@@ -200,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.set_defaults(func=_sft)
 
+    p = sub.add_parser("rl", help="flow-GRPO reinforcement learning from a YAML recipe")
+    p.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="key=value to set a field, ~key to reset it")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.set_defaults(func=_rl)
+
     p = sub.add_parser("export", help="merge a run's latest checkpoint into an official-layout model directory")
     p.add_argument("run", help="a run directory (or one of its checkpoint directories)")
     p.add_argument("--out", required=True)
@@ -218,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve-reward", help="serve a reward over HTTP (see rewards/remote.py; --help for options)")
 
     p = sub.add_parser("bench", help="throughput benchmarks, reported as ratios measured in one run")
-    p.add_argument("names", nargs="*", help="benchmarks to run (default: rollout)")
+    p.add_argument("names", nargs="*", help="benchmarks to run: rollout, train (default: both)")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: a fresh tiny one)")
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
