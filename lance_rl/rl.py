@@ -144,8 +144,6 @@ class RLConfig:
             raise RecipeError("rewards is empty: list at least one reward, e.g. {shapes: 1.0}")
         if self.train.policy == "lora" and not self.lora.enabled:
             raise RecipeError("train.policy is 'lora' but lora.enabled is false")
-        if not (Path(self.model.checkpoint) / "llm_config.json").is_file():
-            raise RecipeError(f"model.checkpoint: {self.model.checkpoint} is not a Lance checkpoint (no llm_config.json)")
         n = self.sampler.num_steps
         first, stop = self.sampler.window_range or (0, n - 1)
         if not 0 <= first < stop <= n - 1 or self.sampler.window_size > stop - first:
@@ -177,8 +175,19 @@ def load_prompts(source: str, seed: int = 0) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
+    def validate_paths(self) -> None:
+        """Inputs must exist before any work starts (kept apart so recipes for other machines still validate)."""
+        if not (Path(self.model.checkpoint) / "llm_config.json").is_file():
+            raise RecipeError(f"model.checkpoint: {self.model.checkpoint} is not a Lance checkpoint (no llm_config.json)")
+        for name in ("train", "eval"):
+            source = getattr(self.prompts, name)
+            if source not in ("shapes", "shapes-heldout") and not Path(source).is_file():
+                raise RecipeError(f"prompts.{name}: {source} does not exist")
+
+
 class RLRecipe:
     def __init__(self, cfg: RLConfig, resume: bool = False):
+        cfg.validate_paths()
         self.cfg, self.resume = cfg, resume
         self.out = Path(cfg.output_dir)
         self.update = 0
