@@ -27,6 +27,18 @@ def _timed(fn, repeats: int) -> float:
     return best
 
 
+def _load(checkpoint: str | None):
+    """The checkpoint to measure, or a fresh tiny one (seed 0)."""
+    from model.checkpoint import init_tiny, load_lance
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = load_lance(checkpoint or init_tiny(Path(tmp) / "tiny", seed=0))
+    return loaded.model, loaded.tokenizer
+
+
+PROMPT = "two red circles on the left of the image"
+
+
 def bench_rollout(
     checkpoint: str | None = None,
     group_size: int = 16,
@@ -35,16 +47,12 @@ def bench_rollout(
     cfg_scale: float = 4.0,
     repeats: int = 3,
 ) -> dict:
-    from model.checkpoint import init_tiny, load_lance
     from model.sampling import CFGConfig, GenerationRequest, SamplerConfig, encode_prefix, generate, initial_noise, sample
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = checkpoint or init_tiny(Path(tmp) / "tiny", seed=0)
-        loaded = load_lance(path)
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = _load(checkpoint)
     config = SamplerConfig(num_steps=num_steps, shift=3.0, kind="sde", noise_level=0.7, sde_window=(0, num_steps - 1),
                            cfg=CFGConfig(scale=cfg_scale))  # fmt: skip
-    request = GenerationRequest("t2i", "two red circles on the left of the image", grid)
+    request = GenerationRequest("t2i", PROMPT, grid)
     seeds = list(range(group_size))
 
     def grouped():
@@ -86,18 +94,14 @@ def bench_train(
 ) -> dict:
     from lance_rl.config import LoraSection
     from lance_rl.sft import apply_lora
-    from model.checkpoint import init_tiny, load_lance
     from model.sampling import CFGConfig, GenerationRequest, SamplerConfig, encode_prefix, generate, step, velocity
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = checkpoint or init_tiny(Path(tmp) / "tiny", seed=0)
-        loaded = load_lance(path)
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = _load(checkpoint)
     model.requires_grad_(False)
     policy = apply_lora(model, LoraSection(enabled=True, rank=16, alpha=32.0))
     cfg = CFGConfig(scale=cfg_scale)
     config = SamplerConfig(num_steps=num_steps, shift=3.0, kind="sde", noise_level=0.7, sde_window=(0, num_steps - 1), cfg=cfg)
-    request = GenerationRequest("t2i", "two red circles on the left of the image", grid)
+    request = GenerationRequest("t2i", PROMPT, grid)
     traj = generate(model, tok, [request], config, list(range(group_size)), group_size=group_size)
     cached = encode_prefix(model, tok, [request], cfg).repeat(group_size)
 

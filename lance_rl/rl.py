@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lance_rl.checkpointing import prune, swapped_in, write_atomic
 from lance_rl.config import (
     CheckpointSection,
     LoggingSection,
@@ -487,7 +488,7 @@ class RLRecipe:
                    "cfg": {"scale": s.cfg_scale, "interval": tuple(s.cfg_interval)}}  # fmt: skip
         was_training = self.policy.training
         self.policy.eval()
-        with _ema_swapped(self.trainable, self.ema):
+        with swapped_in(self.trainable, self.ema):
             results = rollout_groups(self.model, self.tokenizer, self.codec, requests, sampler)
         self.policy.train(was_training)
         prompts = [r["prompt"] for r in requests for _ in range(e.samples_per_prompt)]
@@ -548,13 +549,8 @@ class RLRecipe:
         torch.save(state, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        latest_tmp = self.out / ".latest.tmp"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, self.out / "latest")
-        keep = self.cfg.checkpoint.keep_last
-        if keep > 0:
-            for old in sorted(p for p in root.glob("update_*") if p.is_dir())[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        write_atomic(self.out / "latest", final.name + "\n")
+        prune(root, "update_*", self.cfg.checkpoint.keep_last)
         return final
 
     def _load_latest(self) -> None:
@@ -586,24 +582,6 @@ class RLRecipe:
         self.metrics.close()
         self.scorer.close() if hasattr(self.scorer, "close") else None
         self.rollout.close()
-
-
-class _ema_swapped:
-    def __init__(self, params: dict, ema: dict | None):
-        self.params, self.ema = params, ema
-
-    def __enter__(self):
-        if self.ema is not None:
-            self.saved = {n: p.detach().clone() for n, p in self.params.items()}
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(self.ema[n])
-
-    def __exit__(self, *exc):
-        if self.ema is not None:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(self.saved[n])
 
 
 def _jsonable(x):

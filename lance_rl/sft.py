@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from lance_rl.checkpointing import prune, swapped_in, write_atomic
 from lance_rl.config import (
     CheckpointSection,
     LoggingSection,
@@ -411,7 +412,7 @@ class SFTRecipe:
         else:
             save_lance(self.base, self.tokenizer, tmp / "model")
             if self.ema is not None:
-                with _swapped(self.trainable, self.ema):
+                with swapped_in(self.trainable, self.ema):
                     _save_weights_only(self.base, tmp / "model" / "ema.safetensors")
         data_state = self._carry[1] if self._carry is not None else self.data.state_dict()
         samples = self._carry[2] if self._carry is not None else self.samples_seen
@@ -426,18 +427,9 @@ class SFTRecipe:
         torch.save(state, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_atomic(self.out / "latest", final.name + "\n")
-        self._prune(root, final)
+        write_atomic(self.out / "latest", final.name + "\n")
+        prune(root, "step_*", self.cfg.checkpoint.keep_last)
         return final
-
-    def _prune(self, root: Path, keep: Path) -> None:
-        n = self.cfg.checkpoint.keep_last
-        if n <= 0:
-            return
-        steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in steps[:-n]:
-            if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
 
     def _load_latest(self) -> None:
         latest = self.out / "latest"
@@ -470,34 +462,10 @@ class SFTRecipe:
             self.tb.close()
 
 
-class _swapped:
-    """Temporarily put the EMA values into the trainable parameters (to save or evaluate with them)."""
-
-    def __init__(self, params: dict, values: dict):
-        self.params, self.values = params, values
-
-    def __enter__(self):
-        self.saved = {n: p.detach().clone() for n, p in self.params.items()}
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(self.values[n])
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(self.saved[n])
-
-
 def _save_weights_only(model, path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def recipe_main(config_path: str | None, overrides: list[str], resume: bool = False) -> dict:
