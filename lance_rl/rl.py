@@ -153,6 +153,15 @@ class RLConfig:
                 f"{n} steps (0 <= first < stop <= num_steps - 1; the final step is never stochastic)"
             )
 
+    def validate_paths(self) -> None:
+        """Inputs must exist before any work starts (kept apart so recipes for other machines still validate)."""
+        if not (Path(self.model.checkpoint) / "llm_config.json").is_file():
+            raise RecipeError(f"model.checkpoint: {self.model.checkpoint} is not a Lance checkpoint (no llm_config.json)")
+        for name in ("train", "eval"):
+            source = getattr(self.prompts, name)
+            if source not in ("shapes", "shapes-heldout") and not Path(source).is_file():
+                raise RecipeError(f"prompts.{name}: {source} does not exist")
+
 
 def load_prompts(source: str, seed: int = 0) -> list[dict]:
     """Prompt records {"prompt", optional "source"} from a named set or a file."""
@@ -176,16 +185,6 @@ def load_prompts(source: str, seed: int = 0) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
-    def validate_paths(self) -> None:
-        """Inputs must exist before any work starts (kept apart so recipes for other machines still validate)."""
-        if not (Path(self.model.checkpoint) / "llm_config.json").is_file():
-            raise RecipeError(f"model.checkpoint: {self.model.checkpoint} is not a Lance checkpoint (no llm_config.json)")
-        for name in ("train", "eval"):
-            source = getattr(self.prompts, name)
-            if source not in ("shapes", "shapes-heldout") and not Path(source).is_file():
-                raise RecipeError(f"prompts.{name}: {source} does not exist")
-
-
 class RLRecipe:
     def __init__(self, cfg: RLConfig, resume: bool = False):
         cfg.validate_paths()

@@ -39,7 +39,9 @@ def sft_model(sft_tiny):
 
 
 def test_first_update_sees_ratio_one_at_every_trained_step(tmp_path, sft_tiny):
-    run(small(tmp_path / "r", sft_model(sft_tiny), "train.updates=1", "rewards={jpeg_incompressibility: 1.0}"))
+    # one batch, one optimizer step: every ratio is computed before any weight moves
+    run(small(tmp_path / "r", sft_model(sft_tiny), "train.updates=1", "rewards={jpeg_incompressibility: 1.0}",
+              "algorithm.minibatches=1"))
     (row,) = metrics(tmp_path / "r")
     steps = [k for k in row if k.startswith("ratio/step_")]
     assert len(steps) == 2  # the window's two steps were both trained
