@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -48,7 +48,6 @@ class GenerateSettings:
     save_latents: bool = False
     vae: str | None = None  # Wan2.2_VAE.pth (default: beside the checkpoint)
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)
 
 
 def load_with_codec(checkpoint: str, vae_path: str | None, device: str) -> tuple[LoadedLance, object]:

@@ -579,7 +579,7 @@ class RLRecipe:
 
     def cleanup(self) -> None:
         self.metrics.close()
-        self.scorer.close() if hasattr(self.scorer, "close") else None
+        self.scorer.close()
         self.rollout.close()
 
 

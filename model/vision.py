@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 

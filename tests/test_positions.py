@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 
 from model.positions import apply_mape, latent_position_ids, rope_index, sample_positions
