@@ -214,25 +214,42 @@ class SFTRecipe:
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # CPU processes started by torchrun: accelerate sets up NCCL or MPI itself, but not plain gloo.
+            if not torch.distributed.is_initialized():
+                torch.distributed.init_process_group("gloo")
+        # One process on a CPU; under `accelerate launch` one per GPU with DDP. Unused parameters are expected: a
+        # pack without answers gives the last layer's understanding MLP no gradient.
+        self.accelerator = Accelerator(cpu=self.cfg.train.device == "cpu" or not torch.cuda.is_available(),
+                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])  # fmt: skip
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.main = self.accelerator.is_main_process
         torch.manual_seed(self.cfg.train.seed)
         self.device = self._device()
         self._setup_model()  # first: LoRA and freezing decide what the optimizer gets
         self._setup_optimizer()
         self._setup_data()
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
+        self.accelerator.wait_for_everyone()
         if self.resume:
             self._load_latest()
-        self.metrics = (self.out / "metrics.jsonl").open("a")
+        self.metrics = (self.out / "metrics.jsonl").open("a") if self.main else None
         self.tb = None
-        if self.cfg.logging.tensorboard:
+        if self.cfg.logging.tensorboard and self.main:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
 
     def _device(self) -> torch.device:
         d = self.cfg.train.device
-        return torch.device("cuda" if d == "auto" and torch.cuda.is_available() else ("cpu" if d == "auto" else d))
+        if d not in ("auto", "cpu"):
+            return torch.device(d)
+        device = self.accelerator.device
+        return torch.device("cpu") if device.type == "cpu" else device  # multi-CPU runs report "cpu:<rank>"
 
     def _setup_model(self) -> None:
         from model.checkpoint import load_lance
@@ -252,6 +269,7 @@ class SFTRecipe:
             freeze_for_full_training(self.base, self.cfg.train)
             self.model = self.base
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.model = self.accelerator.prepare_model(self.model)  # DDP under accelerate launch; as is on one process
         if not self.trainable:
             raise RecipeError("nothing to train: every parameter is frozen (check train.* and lora.*)")
         self.ema = None
@@ -275,13 +293,16 @@ class SFTRecipe:
             floor = o.min_lr / o.lr
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
+        self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     def _setup_data(self) -> None:
         from lance_rl.data.datasets import MixedDataset, open_dataset
 
-        sets = [open_dataset(d.path, d.type, seed=self.cfg.train.seed + i) for i, d in enumerate(self.cfg.data.datasets)]
-        self.data = MixedDataset(sets, [d.weight for d in self.cfg.data.datasets], seed=self.cfg.train.seed)
+        # Each process reads its own shuffle of the data and draws its own sample randomness.
+        seed = self.cfg.train.seed + 1_009 * self.rank
+        sets = [open_dataset(d.path, d.type, seed=seed + i) for i, d in enumerate(self.cfg.data.datasets)]
+        self.data = MixedDataset(sets, [d.weight for d in self.cfg.data.datasets], seed=seed)
         self.resolutions = [d.resolution for d in self.cfg.data.datasets]
         self._carry = None  # (sample, dataset state before it) that did not fit the previous pack
 
@@ -289,7 +310,8 @@ class SFTRecipe:
     def _next_sample(self):
         state = self.data.state_dict()
         example, which = self.data.next_with_source()
-        sample = make_sample(example, self.samples_seen, self.tokenizer, self.codec, self.cfg.data, self.cfg.train,
+        index = self.samples_seen * self.world + self.rank  # global sample index: distinct per process
+        sample = make_sample(example, index, self.tokenizer, self.codec, self.cfg.data, self.cfg.train,
                              self.resolutions[which], self.device)  # fmt: skip
         self.samples_seen += 1
         return sample, state, self.samples_seen - 1
@@ -335,17 +357,19 @@ class SFTRecipe:
             totals = {"loss": 0.0, "mse": 0.0, "ce": 0.0, "tokens": 0}
             for micro in range(t.accumulate):
                 batch, tokens = self._next_pack()
-                noise_gen = torch.Generator().manual_seed(t.seed * 7_919 + self.step * t.accumulate + micro)
+                noise_gen = torch.Generator().manual_seed(t.seed * 7_919 + (self.step * t.accumulate + micro) * self.world
+                                                          + self.rank)  # fmt: skip
                 noise = torch.randn(batch.vae_latents.shape, generator=noise_gen).to(self.device)
                 with autocast:
                     out = self.model(batch, noise=noise)
                 loss, parts = flow_loss(out, t.ce_weight, t.mse_weight)
-                if not torch.isfinite(loss):
+                finite = self.accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "sum")
+                if float(finite) < self.world:  # any process saw a non-finite loss: every process skips
                     log.warning("step %d: non-finite loss %s, skipping the update", self.step, float(loss))
                     self.optimizer.zero_grad(set_to_none=True)
                     totals["skipped"] = 1
                     break
-                (loss / t.accumulate).backward()
+                self.accelerator.backward(loss / t.accumulate)
                 totals["loss"] += float(loss.detach()) / t.accumulate
                 totals["mse"] += parts["mse"] / t.accumulate
                 totals["ce"] += parts["ce"] / t.accumulate
@@ -353,7 +377,8 @@ class SFTRecipe:
             grad_norm = 0.0
             if "skipped" not in totals:
                 if self.cfg.optim.max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable.values(), self.cfg.optim.max_grad_norm))
+                    grad_norm = float(self.accelerator.clip_grad_norm_(list(self.trainable.values()),
+                                                                       self.cfg.optim.max_grad_norm))  # fmt: skip
                 self.optimizer.step()
                 self._update_ema()
             self.scheduler.step()
@@ -380,6 +405,8 @@ class SFTRecipe:
             self.ema[name].lerp_(p.detach(), 1 - d)
 
     def _log(self, row: dict) -> None:
+        if not self.main:  # process 0 logs its own pack's numbers
+            return
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} | {"time": time.time()}
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
@@ -400,35 +427,42 @@ class SFTRecipe:
         latest checkpoint."""
         from model.checkpoint import save_lance
 
+        # Every process reports its data position (each reads its own shuffle); process 0 writes everything.
+        data_state = self._carry[1] if self._carry is not None else self.data.state_dict()
+        samples = self._carry[2] if self._carry is not None else self.samples_seen
+        from accelerate.utils import gather_object
+
+        positions = gather_object([json.dumps({"data": data_state, "samples": samples})])
         root = self.out / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"step_{self.step:07d}"
+        if not self.main:
+            self.accelerator.wait_for_everyone()
+            return final
+        root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp_step_{self.step:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         if self.cfg.lora.enabled:
-            self.model.save_pretrained(str(tmp / "adapter"))
+            self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp / "adapter"))
             (tmp / "adapter" / "base_checkpoint.txt").write_text(str(Path(self.cfg.model.checkpoint).resolve()) + "\n")
         else:
             save_lance(self.base, self.tokenizer, tmp / "model")
             if self.ema is not None:
                 with swapped_in(self.trainable, self.ema):
                     _save_weights_only(self.base, tmp / "model" / "ema.safetensors")
-        data_state = self._carry[1] if self._carry is not None else self.data.state_dict()
-        samples = self._carry[2] if self._carry is not None else self.samples_seen
         state = {
             "step": self.step,
-            "samples_seen": samples,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema,
-            "data": json.dumps(data_state),
+            "positions": list(positions),  # one JSON string per process: its data state and samples drawn
         }
         torch.save(state, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_atomic(self.out / "latest", final.name + "\n")
         prune(root, "step_*", self.cfg.checkpoint.keep_last)
+        self.accelerator.wait_for_everyone()
         return final
 
     def _load_latest(self) -> None:
@@ -437,12 +471,13 @@ class SFTRecipe:
             log.info("no checkpoint in %s: starting from scratch", self.out)
             return
         ckpt = self.out / "checkpoints" / latest.read_text().strip()
-        state = torch.load(ckpt / "trainer_state.pt", map_location=self.device, weights_only=True)
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
         if self.cfg.lora.enabled:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(self.model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+            set_peft_model_state_dict(self.accelerator.unwrap_model(self.model),
+                                      load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))  # fmt: skip
         else:
             from model.checkpoint import load_lance
 
@@ -452,12 +487,17 @@ class SFTRecipe:
         self.scheduler.load_state_dict(state["scheduler"])
         if state["ema"] is not None:
             self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
-        self.step, self.samples_seen = state["step"], state["samples_seen"]
-        self.data.load_state_dict(json.loads(state["data"]))
+        positions = state["positions"]
+        if len(positions) != self.world:
+            raise RecipeError(f"{ckpt} was written by {len(positions)} process(es); resume it with as many, not {self.world}")
+        position = json.loads(positions[self.rank])
+        self.step, self.samples_seen = state["step"], position["samples"]
+        self.data.load_state_dict(position["data"])
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     def cleanup(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.tb is not None:
             self.tb.close()
 

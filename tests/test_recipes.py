@@ -12,7 +12,8 @@ from lance_rl.rl import RLConfig
 from lance_rl.sft import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+# recipes/accelerate/ holds accelerate launcher configs, not lance-rl recipes.
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
 
 
 def kind_of(path: Path):
@@ -35,6 +36,11 @@ def check_rewards(spec: dict, where: str) -> None:
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
         for key in value.get("kwargs") or {}:
             assert takes_any or key in params, f"{where}: reward {name} does not take {key!r} (takes {list(params)})"
+
+
+def test_the_accelerate_config_is_data_parallel():
+    config = yaml.safe_load((ROOT / "recipes" / "accelerate" / "ddp.yaml").read_text())
+    assert config["distributed_type"] == "MULTI_GPU" and config["mixed_precision"] == "no"
 
 
 def test_there_are_recipes():

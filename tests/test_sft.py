@@ -126,3 +126,25 @@ def test_malformed_recipes_fail_before_any_work_naming_the_field(world, tmp_path
     with pytest.raises(RecipeError, match="missing required field.*train.steps"):
         load_recipe(SFTConfig, path, ["~train.steps"])
     assert not (tmp_path / "bad").exists()  # nothing was started
+
+
+@pytest.mark.timeout(300)
+def test_two_process_data_parallel_sft_runs_and_resumes(world, tmp_path):
+    """Two CPU processes under torchrun (gloo DDP through accelerate): both train on their own data, process 0 writes,
+    a resume continues. On GPUs the same code runs under `accelerate launch --config_file recipes/accelerate/ddp.yaml`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = recipe(world, tmp_path / "ddp", train={"steps": 2}, checkpoint={"every": 2})
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    launch = [torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "lance_rl.cli", "sft", "--config",
+              str(path)]  # fmt: skip
+    first = subprocess.run(launch, capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = subprocess.run([*launch, "train.steps=4", "--resume"], capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "step_0000004" / "trainer_state.pt", weights_only=True)
+    assert len(state["positions"]) == 2  # both processes' data positions were recorded
