@@ -17,6 +17,22 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def commit_checkpoint(tmp: Path, final: Path, run: Path, pattern: str, keep_last: int) -> Path:
+    """Make a fully written checkpoint directory visible: rename it into place, then switch the run's `latest`
+    pointer, then prune old ones. A crash at any point leaves `latest` naming a complete checkpoint."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_atomic(run / "latest", final.name + "\n")
+    prune(final.parent, pattern, keep_last)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The checkpoint directory a run's `latest` pointer names, or None before the first checkpoint."""
+    latest = Path(run) / "latest"
+    return Path(run) / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
+
+
 def prune(root: Path, pattern: str, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoint directories matching `pattern` (0 keeps everything)."""
     if keep_last <= 0:

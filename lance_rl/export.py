@@ -10,21 +10,23 @@ import shutil
 from pathlib import Path
 
 
-def latest_checkpoint(run: str | Path) -> Path:
+def checkpoint_of(run: str | Path) -> Path:
     """A run directory's latest checkpoint, or the checkpoint directory itself."""
+    from lance_rl.checkpointing import latest_checkpoint
+
     run = Path(run)
     if (run / "trainer_state.pt").is_file():
         return run
-    latest = run / "latest"
-    if not latest.is_file():
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
         raise FileNotFoundError(f"{run} has no checkpoint yet (no 'latest' file)")
-    return run / "checkpoints" / latest.read_text().strip()
+    return ckpt
 
 
 def export(run: str | Path, out: str | Path, ema: bool = False) -> Path:
     from model.checkpoint import load_lance, save_lance
 
-    ckpt = latest_checkpoint(run)
+    ckpt = checkpoint_of(run)
     out = Path(out)
     if (ckpt / "adapter").is_dir():
         from peft import PeftModel

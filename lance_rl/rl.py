@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import sys
@@ -28,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lance_rl.checkpointing import prune, swapped_in, write_atomic
+from lance_rl.checkpointing import commit_checkpoint, latest_checkpoint, swapped_in
 from lance_rl.config import (
     CheckpointSection,
     LoggingSection,
@@ -546,21 +545,16 @@ class RLRecipe:
         state = {"update": self.update, "optimizer": self.optimizer.state_dict(), "ema": self.ema,
                  "reward_mix": json.dumps(_jsonable(self.reward_mix.state_dict()))}  # fmt: skip
         torch.save(state, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_atomic(self.out / "latest", final.name + "\n")
-        prune(root, "update_*", self.cfg.checkpoint.keep_last)
-        return final
+        return commit_checkpoint(tmp, final, self.out, "update_*", self.cfg.checkpoint.keep_last)
 
     def _load_latest(self) -> None:
-        latest = self.out / "latest"
-        if not latest.is_file():
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
             log.info("no checkpoint in %s: starting from scratch", self.out)
             return
         from safetensors.torch import load_file
 
-        ckpt = self.out / "checkpoints" / latest.read_text().strip()
-        state = torch.load(ckpt / "trainer_state.pt", map_location=self.device, weights_only=True)
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
         if (ckpt / "adapter").is_dir():
             from peft import set_peft_model_state_dict
 

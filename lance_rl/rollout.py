@@ -33,7 +33,7 @@ class PolicySpec:
 def build_policy(spec: PolicySpec):
     """(policy module, LanceModel, tokenizer, codec). With LoRA the policy is the PEFT wrapper around the model."""
     from lance_rl.config import LoraSection
-    from lance_rl.sft import apply_lora
+    from lance_rl.sft import apply_lora, freeze_for_full_training
     from model.checkpoint import load_lance
     from model.vae import build_vae, find_wan_vae
 
@@ -46,12 +46,7 @@ def build_policy(spec: PolicySpec):
         policy = apply_lora(model, LoraSection(**spec.lora))
     else:
         policy = model
-        for name, p in model.named_parameters():
-            is_gen = "_moe_gen" in name or not name.startswith(("language_model.", "vit_model."))
-            if name.startswith("vit_model.") or "embed_tokens" in name or "lm_head" in name:
-                continue
-            if spec.trainable == "both" or (spec.trainable == "generation" and is_gen):
-                p.requires_grad_(True)
+        freeze_for_full_training(model, understanding=spec.trainable == "both", generation=True)
     return policy, model, loaded.tokenizer, codec
 
 

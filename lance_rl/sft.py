@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from lance_rl.checkpointing import prune, swapped_in, write_atomic
+from lance_rl.checkpointing import commit_checkpoint, latest_checkpoint, swapped_in
 from lance_rl.config import (
     CheckpointSection,
     LoggingSection,
@@ -135,18 +135,18 @@ def apply_lora(model, lora: LoraSection):
     return get_peft_model(model, config)
 
 
-def freeze_for_full_training(model, train: TrainSection) -> None:
-    """The release's rules: the ViT never trains; embeddings frozen by default; experts as configured."""
+def freeze_for_full_training(model, understanding: bool, generation: bool, freeze_embeddings: bool = True) -> None:
+    """The release's rules: the ViT never trains; embeddings frozen by default; each expert as asked (the generation
+    heads time_embedder, vae2llm, llm2vae go with the generation expert)."""
     for name, p in model.named_parameters():
-        trainable = True
         if name.startswith("vit_model."):
             trainable = False
         elif "embed_tokens" in name or "lm_head" in name:
-            trainable = not train.freeze_embeddings
+            trainable = not freeze_embeddings
         elif name.startswith("language_model."):
-            trainable = train.train_generation if "_moe_gen" in name else train.train_understanding
-        else:  # time_embedder, vae2llm, llm2vae: the generation heads
-            trainable = train.train_generation
+            trainable = generation if "_moe_gen" in name else understanding
+        else:
+            trainable = generation
         p.requires_grad_(trainable)
 
 
@@ -266,7 +266,8 @@ class SFTRecipe:
             self.base.requires_grad_(False)
             self.model = apply_lora(self.base, self.cfg.lora)
         else:
-            freeze_for_full_training(self.base, self.cfg.train)
+            t = self.cfg.train
+            freeze_for_full_training(self.base, t.train_understanding, t.train_generation, t.freeze_embeddings)
             self.model = self.base
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.model = self.accelerator.prepare_model(self.model)  # DDP under accelerate launch; as is on one process
@@ -458,19 +459,15 @@ class SFTRecipe:
             "positions": list(positions),  # one JSON string per process: its data state and samples drawn
         }
         torch.save(state, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_atomic(self.out / "latest", final.name + "\n")
-        prune(root, "step_*", self.cfg.checkpoint.keep_last)
+        commit_checkpoint(tmp, final, self.out, "step_*", self.cfg.checkpoint.keep_last)
         self.accelerator.wait_for_everyone()
         return final
 
     def _load_latest(self) -> None:
-        latest = self.out / "latest"
-        if not latest.is_file():
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
             log.info("no checkpoint in %s: starting from scratch", self.out)
             return
-        ckpt = self.out / "checkpoints" / latest.read_text().strip()
         state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
         if self.cfg.lora.enabled:
             from peft import set_peft_model_state_dict
