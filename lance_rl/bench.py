@@ -29,7 +29,7 @@ def _timed(fn, repeats: int) -> float:
 
 def _load(checkpoint: str | None):
     """The checkpoint to measure, or a fresh tiny one (seed 0)."""
-    from model.checkpoint import init_tiny, load_lance
+    from lance_rl.model.checkpoint import init_tiny, load_lance
 
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_lance(checkpoint or init_tiny(Path(tmp) / "tiny", seed=0))
@@ -47,7 +47,7 @@ def bench_rollout(
     cfg_scale: float = 4.0,
     repeats: int = 3,
 ) -> dict:
-    from model.sampling import CFGConfig, GenerationRequest, SamplerConfig, encode_prefix, generate, initial_noise, sample
+    from lance_rl.model.sampling import CFGConfig, GenerationRequest, SamplerConfig, encode_prefix, generate, initial_noise, sample
 
     model, tok = _load(checkpoint)
     config = SamplerConfig(num_steps=num_steps, shift=3.0, kind="sde", noise_level=0.7, sde_window=(0, num_steps - 1),
@@ -94,7 +94,7 @@ def bench_train(
 ) -> dict:
     from lance_rl.config import LoraSection
     from lance_rl.sft import apply_lora
-    from model.sampling import CFGConfig, GenerationRequest, SamplerConfig, encode_prefix, generate, step, velocity
+    from lance_rl.model.sampling import CFGConfig, GenerationRequest, SamplerConfig, encode_prefix, generate, step, velocity
 
     model, tok = _load(checkpoint)
     model.requires_grad_(False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
-    from model.checkpoint import init_tiny, inspect_checkpoint
+    from lance_rl.model.checkpoint import init_tiny, inspect_checkpoint
 
     out = init_tiny(args.out_dir, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers, vae=args.vae)
     info = inspect_checkpoint(out)
@@ -22,7 +22,7 @@ def _init_tiny(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from model.checkpoint import inspect_checkpoint
+    from lance_rl.model.checkpoint import inspect_checkpoint
 
     info = inspect_checkpoint(args.checkpoint, vit_dir=args.vit_dir, weights=args.weights)
     if args.json:
@@ -174,7 +174,10 @@ def _cuda() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lance_rl import __version__
+
     parser = argparse.ArgumentParser(prog="lance-rl", description="SFT and flow-GRPO post-training for Lance.")
+    parser.add_argument("--version", action="version", version=f"lance-rl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-tiny", help="write a tiny random checkpoint in the official layout")
@@ -293,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve-reward"]:  # its own parser lives with the server
-        from rewards.remote import main as serve_main
+        from lance_rl.rewards.remote import main as serve_main
 
         return serve_main(argv[1:]) or 0
 

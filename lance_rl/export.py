@@ -24,7 +24,7 @@ def checkpoint_of(run: str | Path) -> Path:
 
 
 def export(run: str | Path, out: str | Path, ema: bool = False) -> Path:
-    from model.checkpoint import load_lance, save_lance
+    from lance_rl.model.checkpoint import load_lance, save_lance
 
     ckpt = checkpoint_of(run)
     out = Path(out)

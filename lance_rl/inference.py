@@ -1,6 +1,6 @@
 """`lance-rl generate` and `lance-rl understand`: media files in, media files (or text) out, every setting recorded.
 
-The model-side work is `model.sampling`; this module only reads and preprocesses the inputs, picks defaults that fit
+The model-side work is `lance_rl.model.sampling`; this module only reads and preprocesses the inputs, picks defaults that fit
 the checkpoint's latent codec, decodes, and writes the outputs with a JSON record of how they were made.
 """
 
@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import media
-from model.checkpoint import LoadedLance, load_lance
-from model.sampling import CFGConfig, GenerationRequest, SamplerConfig, generate, generate_text
-from model.vae import build_vae, find_wan_vae
-from model.vision import patchify_video
+from lance_rl.model import media
+from lance_rl.model.checkpoint import LoadedLance, load_lance
+from lance_rl.model.sampling import CFGConfig, GenerationRequest, SamplerConfig, generate, generate_text
+from lance_rl.model.vae import build_vae, find_wan_vae
+from lance_rl.model.vision import patchify_video
 
 GENERATION_TASKS = ("t2i", "t2v", "i2v", "image_edit", "video_edit")
 

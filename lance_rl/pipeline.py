@@ -107,17 +107,15 @@ def pipeline_main(config_path: str, overrides: list[str], resume: bool = False) 
     return run_pipeline(cfg, resume=resume)
 
 
-QUICKSTART_PIPELINE = "recipes/quickstart/pipeline.yaml"
-
-
 def quickstart(out: str | Path = "runs/quickstart", resume: bool = True) -> dict:
     """The default main job: build a tiny Lance and the shapes world, SFT, then RL, and report the held-out accuracy
     before and after RL. Every stage is skipped or resumed when its output is already there."""
     from lance_rl.data.shapes import write_parquet
-    from model.checkpoint import init_tiny
+    from lance_rl.model.checkpoint import init_tiny
+    from lance_rl.recipes import RECIPES_DIR
 
     out = Path(out)
-    recipes = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
+    recipes = RECIPES_DIR / "quickstart"
     if not (out / "base" / "llm_config.json").is_file():
         log.info("quickstart 1/4: a tiny random Lance (hidden 128, 4 layers, PatchVAE) in %s", out / "base")
         init_tiny(out / "base", seed=0, hidden_size=128, num_layers=4)

@@ -250,8 +250,8 @@ class RLRecipe:
         return self.codec.latent_grid(frames, p.height, p.width)
 
     def _setup_rewards(self) -> None:
-        from rewards.mix import build_mix
-        from rewards.runner import RewardRunner
+        from lance_rl.rewards.mix import build_mix
+        from lance_rl.rewards.runner import RewardRunner
 
         self.reward_mix = build_mix(self.cfg.rewards)
         self.scorer = RewardRunner(self.reward_mix, max_workers=4)
@@ -313,7 +313,7 @@ class RLRecipe:
     def _loss_for_group(self, res: dict, req: dict, adv: torch.Tensor, prefix_cache: dict, stats: dict) -> None:
         """Backward through every recorded step of one group; accumulates gradients (no optimizer step here)."""
         from lance_rl.rollout import make_request
-        from model.sampling import CFGConfig, encode_prefix, step, velocity
+        from lance_rl.model.sampling import CFGConfig, encode_prefix, step, velocity
 
         s, a = self.cfg.sampler, self.cfg.algorithm
         cfg = CFGConfig(scale=s.cfg_scale, interval=tuple(s.cfg_interval))
@@ -357,7 +357,7 @@ class RLRecipe:
             stats["ratio_by_step"].setdefault(i, []).append(pl.ratio.cpu())
 
     def _reference_velocity(self, x_t, t, prefix, cfg):
-        from model.sampling import velocity
+        from lance_rl.model.sampling import velocity
 
         if self.reference is not None:
             return velocity(self.reference, x_t, t, prefix, cfg)

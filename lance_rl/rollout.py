@@ -34,8 +34,8 @@ def build_policy(spec: PolicySpec):
     """(policy module, LanceModel, tokenizer, codec). With LoRA the policy is the PEFT wrapper around the model."""
     from lance_rl.config import LoraSection
     from lance_rl.sft import apply_lora, freeze_for_full_training
-    from model.checkpoint import load_lance
-    from model.vae import build_vae, find_wan_vae
+    from lance_rl.model.checkpoint import load_lance
+    from lance_rl.model.vae import build_vae, find_wan_vae
 
     loaded = load_lance(spec.checkpoint, vit_dir=spec.vit_dir, device=spec.device)
     model = loaded.model
@@ -66,9 +66,9 @@ def load_trainable_state(policy, state: dict[str, np.ndarray]) -> None:
 
 def make_request(model, tokenizer, codec, request: dict):
     """A GenerationRequest from a plain dict: {"task", "prompt", "grid", optional "source": path to media}."""
-    from model import media
-    from model.sampling import GenerationRequest
-    from model.vision import patchify_video
+    from lance_rl.model import media
+    from lance_rl.model.sampling import GenerationRequest
+    from lance_rl.model.vision import patchify_video
 
     req = GenerationRequest(request["task"], request["prompt"], tuple(request["grid"]))
     if request.get("source"):
@@ -94,8 +94,8 @@ def rollout_groups(model, tokenizer, codec, requests: list[dict], sampler: dict)
 
     sampler: SamplerConfig fields plus "cfg" as CFGConfig fields. Returns one dict of numpy arrays per request.
     """
-    from model import media
-    from model.sampling import CFGConfig, SamplerConfig, generate
+    from lance_rl.model import media
+    from lance_rl.model.sampling import CFGConfig, SamplerConfig, generate
 
     cfg = SamplerConfig(**{k: v for k, v in sampler.items() if k != "cfg"}, cfg=CFGConfig(**sampler["cfg"]))
     results = []

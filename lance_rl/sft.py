@@ -158,12 +158,12 @@ def _rng_for(seed: int, index: int) -> tuple[random.Random, torch.Generator]:
 
 def make_sample(example, index: int, tokenizer, codec, data: DataSection, train: TrainSection, resolution, device):
     """One training sample (plan, media) from a decoded example, with the release's preprocessing and dropout."""
-    from model import media
-    from model.packing import SampleMedia
-    from model.sampling import shift_time
-    from model.sequence import build_plan, generation_plan, noise_block, understanding_plan
-    from model.tokenizer import system_prompt
-    from model.vision import patchify_video
+    from lance_rl.model import media
+    from lance_rl.model.packing import SampleMedia
+    from lance_rl.model.sampling import shift_time
+    from lance_rl.model.sequence import build_plan, generation_plan, noise_block, understanding_plan
+    from lance_rl.model.tokenizer import system_prompt
+    from lance_rl.model.vision import patchify_video
 
     rng, gen = _rng_for(train.seed, index)
     if example.task.startswith("x2t"):
@@ -252,8 +252,8 @@ class SFTRecipe:
         return torch.device("cpu") if device.type == "cpu" else device  # multi-CPU runs report "cpu:<rank>"
 
     def _setup_model(self) -> None:
-        from model.checkpoint import load_lance
-        from model.vae import build_vae, find_wan_vae
+        from lance_rl.model.checkpoint import load_lance
+        from lance_rl.model.vae import build_vae, find_wan_vae
 
         m = self.cfg.model
         loaded = load_lance(m.checkpoint, vit_dir=m.vit_dir, device=self.device)
@@ -320,7 +320,7 @@ class SFTRecipe:
     def _next_pack(self):
         """Samples up to the token budget. A sample that does not fit waits for the next pack (and a checkpoint taken
         meanwhile records the data position before it, so a resume draws it again)."""
-        from model.packing import pack
+        from lance_rl.model.packing import pack
 
         budget = self.cfg.data.tokens_per_step
         plans, media, tokens = [], [], 0
@@ -426,7 +426,7 @@ class SFTRecipe:
         """checkpoints/step_NNNNNNN/ with the model (official layout, or the PEFT adapter) and trainer_state.pt;
         written to a temporary directory and renamed, then `latest` is switched, so a crash never leaves a broken
         latest checkpoint."""
-        from model.checkpoint import save_lance
+        from lance_rl.model.checkpoint import save_lance
 
         # Every process reports its data position (each reads its own shuffle); process 0 writes everything.
         data_state = self._carry[1] if self._carry is not None else self.data.state_dict()
@@ -476,7 +476,7 @@ class SFTRecipe:
             set_peft_model_state_dict(self.accelerator.unwrap_model(self.model),
                                       load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))  # fmt: skip
         else:
-            from model.checkpoint import load_lance
+            from lance_rl.model.checkpoint import load_lance
 
             weights = load_lance(ckpt / "model", device=self.device).model.state_dict()
             self.base.load_state_dict(weights)

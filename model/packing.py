@@ -19,7 +19,7 @@ class SampleMedia:
     """The tensors behind one plan's visual blocks, in block order.
 
     vit_patches / vit_grids: one entry per ViT block: patchified pixels [N, C*2*14*14] and the ViT grid
-        (T/2, H/14, W/14) as `model.vision.patchify_video` returns them.
+        (T/2, H/14, W/14) as `lance_rl.model.vision.patchify_video` returns them.
     latents: one [t, h, w, C] tensor per VAE block (clean condition blocks and the target; the target's values are
         the clean x0 in training and are ignored where t = 1).
     timesteps: one entry per noise block: a float t in [0, 1] for the whole block, or a [t_lat] tensor with one t per

@@ -1,7 +1,7 @@
 """Reward models for lance-rl: the contract, the registry, mixing, running, and the built-ins.
 
 Importing this package is light (numpy only): built-ins import their heavy dependencies (open_clip, transformers,
-onnxruntime, ray) when they are loaded. See ``rewards.base`` for the contract and ``rewards.mix`` for the recipe form.
+onnxruntime, ray) when they are loaded. See ``lance_rl.rewards.base`` for the contract and ``lance_rl.rewards.mix`` for the recipe form.
 """
 
 from .base import (

@@ -145,7 +145,7 @@ def check_batch(
     if given not in modalities:
         hint = ""
         if given == "video":
-            hint = " (wrap it with rewards.video.FrameReward, registry name 'frames', to score sampled frames)"
+            hint = " (wrap it with lance_rl.rewards.video.FrameReward, registry name 'frames', to score sampled frames)"
         raise ModalityError(f"reward {name!r} scores {', '.join(modalities)} only, but was given {given}s{hint}")
     batch = {"prompts": list(prompts), "images": None, "videos": None, "conditions": None, "metadata": None}
     if images is not None:

@@ -11,7 +11,7 @@ a dict of options::
         normalize: running            # none | batch | running
         kwargs: {head_path: /ckpt/sac+logos+ava1-l14-linearMSE.pth}
         retries: 2                    # FailurePolicy fields: retries, timeout, backoff, on_failure
-        ray: {num_actors: 2, num_gpus: 0.5}   # host it in a Ray actor pool (rewards.ray_pool)
+        ray: {num_actors: 2, num_gpus: 0.5}   # host it in a Ray actor pool (lance_rl.rewards.ray_pool)
       clip_big: {reward: clip_score, kwargs: {model_name: ViT-H-14}, weight: 0.3}   # `reward:` renames a spec
 
 Output: ``scores`` is the weighted total; ``details[name]`` holds each component's raw scores,

@@ -19,19 +19,19 @@ import re
 from .base import FunctionReward, Reward
 
 REGISTRY: dict[str, str] = {
-    "jpeg_compressibility": "rewards.jpeg:JpegCompressibility",
-    "jpeg_incompressibility": "rewards.jpeg:JpegIncompressibility",
-    "clip_score": "rewards.clip:ClipScore",
-    "image_similarity": "rewards.clip:ImageSimilarity",
-    "pickscore": "rewards.pickscore:PickScore",
-    "aesthetic": "rewards.aesthetic:Aesthetic",
-    "hpsv2": "rewards.hpsv2:HPSv2",
-    "ocr": "rewards.ocr:OcrReward",
-    "video_temporal_consistency": "rewards.video:TemporalConsistency",
-    "frames": "rewards.video:FrameReward",
-    "self_judge": "rewards.self_judge:SelfJudge",
-    "remote": "rewards.remote:RemoteReward",
-    "shapes": "rewards.shapes:ShapesReward",
+    "jpeg_compressibility": "lance_rl.rewards.jpeg:JpegCompressibility",
+    "jpeg_incompressibility": "lance_rl.rewards.jpeg:JpegIncompressibility",
+    "clip_score": "lance_rl.rewards.clip:ClipScore",
+    "image_similarity": "lance_rl.rewards.clip:ImageSimilarity",
+    "pickscore": "lance_rl.rewards.pickscore:PickScore",
+    "aesthetic": "lance_rl.rewards.aesthetic:Aesthetic",
+    "hpsv2": "lance_rl.rewards.hpsv2:HPSv2",
+    "ocr": "lance_rl.rewards.ocr:OcrReward",
+    "video_temporal_consistency": "lance_rl.rewards.video:TemporalConsistency",
+    "frames": "lance_rl.rewards.video:FrameReward",
+    "self_judge": "lance_rl.rewards.self_judge:SelfJudge",
+    "remote": "lance_rl.rewards.remote:RemoteReward",
+    "shapes": "lance_rl.rewards.shapes:ShapesReward",
 }
 
 class UnknownRewardError(KeyError):

@@ -53,7 +53,7 @@ class RemoteRewardError(RewardError):
 
 # ------------------------------------------------------------------------------------------------ media <-> JSON
 def encode_png(image: np.ndarray) -> str:
-    from model.media import write_png
+    from lance_rl.model.media import write_png
 
     buf = io.BytesIO()
     write_png(image, buf)
@@ -61,7 +61,7 @@ def encode_png(image: np.ndarray) -> str:
 
 
 def decode_png(data: str) -> np.ndarray:
-    from model.media import read_image
+    from lance_rl.model.media import read_image
 
     return read_image(base64.b64decode(data), min_side=1)
 
@@ -71,7 +71,7 @@ def encode_video(frames: np.ndarray, video_format: str = "mp4") -> dict:
         return {"png_frames": [encode_png(f) for f in frames]}
     if video_format != "mp4":
         raise ValueError(f"video_format must be 'mp4' or 'png', got {video_format!r}")
-    from model.media import write_mp4
+    from lance_rl.model.media import write_mp4
 
     with tempfile.TemporaryDirectory() as tmp:  # PyAV's mp4 muxer wants a seekable file
         path = os.path.join(tmp, "v.mp4")
@@ -85,7 +85,7 @@ def encode_video(frames: np.ndarray, video_format: str = "mp4") -> dict:
 def decode_video(obj: dict) -> np.ndarray:
     if "png_frames" in obj:
         return np.stack([decode_png(f) for f in obj["png_frames"]])
-    from model.media import read_video
+    from lance_rl.model.media import read_video
 
     # Read at the rate it was written (12 fps, all frames kept), then undo write_mp4's even-size padding.
     frames, _ = read_video(base64.b64decode(obj["mp4"]), fps=12, max_seconds=None, frame_rule=None, min_side=1)

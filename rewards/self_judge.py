@@ -1,10 +1,10 @@
 """Self-judge: Lance's own understanding expert asked whether the image (or video) matches the prompt.
 
 Score: P("yes") normalised over the yes/no answers, ``sum P(yes variants) / sum P(all variants)`` with each answer's
-probability as a whole teacher-forced continuation (``model.sampling.score_answers``). Range [0, 1]; never None.
+probability as a whole teacher-forced continuation (``lance_rl.model.sampling.score_answers``). Range [0, 1]; never None.
 Details: ``p_yes_raw``, the unnormalised probability of the yes answers.
 
-Takes a loaded model (``model.checkpoint.load_lance(...)``'s result, or ``model=`` and ``tokenizer=``), or a
+Takes a loaded model (``lance_rl.model.checkpoint.load_lance(...)``'s result, or ``model=`` and ``tokenizer=``), or a
 ``checkpoint`` directory to load. When only the generation expert trains (LoRA on ``*_moe_gen``), the policy's own
 model object can judge: the understanding path does not use generation-expert weights.
 """
@@ -29,7 +29,7 @@ class SelfJudge(Reward):
         if model is None:
             if checkpoint is None:
                 raise ValueError("self_judge needs a loaded Lance model (model=, tokenizer=) or a checkpoint directory")
-            from model.checkpoint import load_lance
+            from lance_rl.model.checkpoint import load_lance
 
             model = load_lance(checkpoint, device=device)
         if tokenizer is None and hasattr(model, "tokenizer"):  # a LoadedLance
@@ -41,9 +41,9 @@ class SelfJudge(Reward):
         self.yes, self.no = tuple(yes), tuple(no)
 
     def _judge(self, frames, prompt: str, task: str) -> tuple[float, float]:
-        from model.media import vit_tensor
-        from model.sampling import score_answers
-        from model.vision import patchify_video
+        from lance_rl.model.media import vit_tensor
+        from lance_rl.model.sampling import score_answers
+        from lance_rl.model.vision import patchify_video
 
         resolution = self.resolution
         if resolution is None:  # the release's presets for real Lance (as `lance-rl understand`); small for tiny models

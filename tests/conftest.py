@@ -26,7 +26,7 @@ def parity_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A tiny random checkpoint in the official layout, written once per test session."""
-    from model.checkpoint import init_tiny
+    from lance_rl.model.checkpoint import init_tiny
 
     return init_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
 
@@ -35,7 +35,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def shapes16(tmp_path_factory) -> Path:
     """16x16 shapes images (official parquet) and a tiny random base checkpoint."""
     from lance_rl.data.shapes import write_parquet
-    from model.checkpoint import init_tiny
+    from lance_rl.model.checkpoint import init_tiny
 
     root = tmp_path_factory.mktemp("shapes16")
     init_tiny(root / "base", seed=0)

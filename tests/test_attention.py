@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from model.attention import TokenLayout, cached_attention, packed_attention
+from lance_rl.model.attention import TokenLayout, cached_attention, packed_attention
 
 
 def brute_force_mask(sample_lens, split_lens, attn_modes):

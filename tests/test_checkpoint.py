@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CheckpointError, inspect_checkpoint, load_lance, save_lance
-from model.config import LanceConfig, lance_3b
-from model.lance import LanceModel
+from lance_rl.model.checkpoint import CheckpointError, inspect_checkpoint, load_lance, save_lance
+from lance_rl.model.config import LanceConfig, lance_3b
+from lance_rl.model.lance import LanceModel
 
 
 def copy_ckpt(src, dst):

@@ -39,7 +39,7 @@ def test_console_script_is_installed():
 
 
 def test_generate_writes_a_png_for_t2i_and_a_playable_mp4_for_t2v(tmp_path, tiny_ckpt, capsys):
-    from model import media
+    from lance_rl.model import media
 
     args = ["generate", "--checkpoint", str(tiny_ckpt), "--steps", "2", "--cfg", "2.0"]
     assert main(args + ["--task", "t2i", "--prompt", "two red circles", "--num-samples", "2", "--out", str(tmp_path / "img"), "--save-latents"]) == 0
@@ -58,7 +58,7 @@ def test_generate_writes_a_png_for_t2i_and_a_playable_mp4_for_t2v(tmp_path, tiny
 def test_generate_edit_and_understand_take_media(tmp_path, tiny_ckpt, capsys):
     import numpy as np
 
-    from model import media
+    from lance_rl.model import media
 
     image = tmp_path / "src.png"
     media.write_png(np.full((40, 40, 3), 200, dtype=np.uint8), image)
@@ -83,7 +83,7 @@ def test_bench_rollout_reports_both_timings(tmp_path, capsys):
 
 
 def test_init_tiny_with_a_tiny_wan_vae_generates_video(tmp_path, capsys):
-    from model import media
+    from lance_rl.model import media
 
     ckpt = tmp_path / "wan"
     assert main(["init-tiny", str(ckpt), "--vae", "wan2.2"]) == 0

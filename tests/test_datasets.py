@@ -24,7 +24,7 @@ from lance_rl.data.datasets import (
     open_dataset,
     parquet_to_manifest,
 )
-from model.media import write_mp4
+from lance_rl.model.media import write_mp4
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

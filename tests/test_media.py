@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model import media
-from model.media import (
+from lance_rl.model import media
+from lance_rl.model.media import (
     CLIP_MEAN,
     CLIP_STD,
     MediaError,

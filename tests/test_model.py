@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from model.checkpoint import load_lance
-from model.packing import SampleMedia, pack
-from model.positions import latent_position_ids, sample_positions
-from model.sequence import CAPTION, generation_plan, latent_grid, understanding_plan, vit_grid
-from model.tokenizer import IM_END, build_tiny_tokenizer, render_chat, system_prompt
+from lance_rl.model.checkpoint import load_lance
+from lance_rl.model.packing import SampleMedia, pack
+from lance_rl.model.positions import latent_position_ids, sample_positions
+from lance_rl.model.sequence import CAPTION, generation_plan, latent_grid, understanding_plan, vit_grid
+from lance_rl.model.tokenizer import IM_END, build_tiny_tokenizer, render_chat, system_prompt
 
 
 @pytest.fixture(scope="module")

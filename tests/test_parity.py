@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import load_lance
-from model.packing import SampleMedia, pack
-from model.positions import latent_position_ids, sample_positions
-from model.sequence import generation_plan, understanding_plan
+from lance_rl.model.checkpoint import load_lance
+from lance_rl.model.packing import SampleMedia, pack
+from lance_rl.model.positions import latent_position_ids, sample_positions
+from lance_rl.model.sequence import generation_plan, understanding_plan
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from model.positions import apply_mape, latent_position_ids, rope_index, sample_positions
-from model.sequence import NOISE, REFERENCE, SOURCE, TEXT, VIT, Block, PlacedBlock, SequencePlan
+from lance_rl.model.positions import apply_mape, latent_position_ids, rope_index, sample_positions
+from lance_rl.model.sequence import NOISE, REFERENCE, SOURCE, TEXT, VIT, Block, PlacedBlock, SequencePlan
 
 VS, VE, PAD = 900, 901, 902  # marker ids are irrelevant to positions; only the layout matters
 

@@ -25,8 +25,8 @@ def kind_of(path: Path):
 
 def check_rewards(spec: dict, where: str) -> None:
     """Each reward resolves, takes the given options, and its constructor accepts the given kwargs."""
-    from rewards.mix import _OPTION_KEYS
-    from rewards.registry import resolve
+    from lance_rl.rewards.mix import _OPTION_KEYS
+    from lance_rl.rewards.registry import resolve
 
     for name, value in spec.items():
         value = value if isinstance(value, dict) else {"weight": value}

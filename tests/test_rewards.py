@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rewards import (
+from lance_rl.rewards import (
     FailurePolicy,
     ModalityError,
     Reward,
@@ -23,8 +23,8 @@ from rewards import (
     reward,
     score_with_policy,
 )
-from rewards.registry import REGISTRY, UnknownRewardError
-from rewards.runner import call_with_timeout
+from lance_rl.rewards.registry import REGISTRY, UnknownRewardError
+from lance_rl.rewards.runner import call_with_timeout
 
 
 def images(n, seed=0, size=32):
@@ -82,7 +82,7 @@ def test_modality_and_batch_errors_are_clear():
 
 
 def test_registry_names_paths_and_errors(tmp_path, monkeypatch):
-    assert REGISTRY["shapes"] == "rewards.shapes:ShapesReward"  # written elsewhere; resolved lazily
+    assert REGISTRY["shapes"] == "lance_rl.rewards.shapes:ShapesReward"  # written elsewhere; resolved lazily
     with pytest.raises(UnknownRewardError, match="unknown reward 'nope'.*clip_score.*package.module:callable"):
         load_reward("nope")
     pkg = tmp_path / "my_pkg"

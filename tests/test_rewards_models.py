@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rewards import load_reward
-from rewards.base import ModalityError
+from lance_rl.rewards import load_reward
+from lance_rl.rewards.base import ModalityError
 
 TINY_CLIP = "lance-rl-tiny-clip"
 TINY_CLIP_CFG = {
@@ -83,14 +83,14 @@ def test_clip_score_matches_open_clip(clip_score, open_clip_weights):
     ref = torch.nn.functional.cosine_similarity(img, txt)
     assert out.scores == pytest.approx(ref.tolist(), abs=1e-5)
     assert all(-1 <= s <= 1 for s in out.scores)
-    from rewards.clip import ClipScore
+    from lance_rl.rewards.clip import ClipScore
 
     injected = ClipScore.from_model(model, preprocess, open_clip.get_tokenizer(TINY_CLIP))
     assert injected(prompts=prompts, images=ims).scores == pytest.approx(out.scores, abs=1e-5)
 
 
 def test_image_similarity_for_editing(clip_score):
-    from rewards.clip import ImageSimilarity
+    from lance_rl.rewards.clip import ImageSimilarity
 
     sim = ImageSimilarity(clip=clip_score.clip)
     a, b = rand_images(2, seed=1)
@@ -132,7 +132,7 @@ def test_pickscore_from_pretrained_dirs(hf_clip_dir):
 def test_aesthetic_head_layout_and_score(hf_clip_dir, tmp_path):
     from transformers import CLIPModel, CLIPProcessor
 
-    from rewards.aesthetic import AestheticMLP
+    from lance_rl.rewards.aesthetic import AestheticMLP
 
     head = AestheticMLP(16)  # sized to the tiny CLIP's projection
     expected = {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
@@ -154,7 +154,7 @@ def test_aesthetic_head_layout_and_score(hf_clip_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ video
 def test_video_temporal_consistency(clip_score):
-    from rewards.video import TemporalConsistency
+    from lance_rl.rewards.video import TemporalConsistency
 
     tc = TemporalConsistency(clip=clip_score.clip, max_frames=4)
     frame = rand_images(1)[0]
@@ -192,7 +192,7 @@ def render_text(text: str, size=(320, 96)) -> np.ndarray:
 
 
 def test_ocr_text_accuracy_rule():
-    from rewards.ocr import edit_distance, quoted_text, text_accuracy
+    from lance_rl.rewards.ocr import edit_distance, quoted_text, text_accuracy
 
     assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3
     assert quoted_text('a sign that says "Open Late"') == "Open Late" and quoted_text("\u201cHi\u201d there") == "Hi"
@@ -216,7 +216,7 @@ def test_ocr_reward_reads_rendered_text_offline():
 
 # ------------------------------------------------------------------------------------------------ self-judge
 def test_self_judge_is_a_deterministic_probability(tiny_ckpt):
-    from model.checkpoint import load_lance
+    from lance_rl.model.checkpoint import load_lance
 
     loaded = load_lance(tiny_ckpt)
     judge = load_reward("self_judge", model=loaded)

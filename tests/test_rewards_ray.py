@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from rewards import RewardError, build_mix, load_reward
+from lance_rl.rewards import RewardError, build_mix, load_reward
 
 ray = pytest.importorskip("ray")
 
@@ -26,7 +26,7 @@ def images(n, seed=0):
 
 
 def test_pool_matches_local_scoring_in_order():
-    from rewards.ray_pool import RayRewardPool
+    from lance_rl.rewards.ray_pool import RayRewardPool
 
     ims = images(5)
     pool = RayRewardPool("jpeg_incompressibility", num_actors=2, num_cpus=0.25, num_gpus="auto")
@@ -57,7 +57,7 @@ def test_pool_from_recipe_and_resource_errors():
 
 
 def test_pool_errors_are_reported_by_name(tmp_path):
-    from rewards.ray_pool import RayRewardPool
+    from lance_rl.rewards.ray_pool import RayRewardPool
 
     with pytest.raises(Exception, match="could not load the reward: ImportError: reward 'no_such_pkg.mod:fn': cannot import"):
         RayRewardPool("no_such_pkg.mod:fn", num_cpus=0.25)

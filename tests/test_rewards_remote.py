@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rewards import FailurePolicy, Reward, RewardError, build_mix, load_reward, score_with_policy
-from rewards.remote import RemoteReward, RemoteRewardError, decode_video, encode_video, main, make_server
+from lance_rl.rewards import FailurePolicy, Reward, RewardError, build_mix, load_reward, score_with_policy
+from lance_rl.rewards.remote import RemoteReward, RemoteRewardError, decode_video, encode_video, main, make_server
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(backoff=0.01)
@@ -123,7 +123,7 @@ def test_server_that_hangs_times_out():
 def test_cli_server_that_dies(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), LANCE_RL_REWARD_TOKEN="t0k")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rewards.remote", "--reward", "jpeg_compressibility", "--port", "0"],
+        [sys.executable, "-m", "lance_rl.rewards.remote", "--reward", "jpeg_compressibility", "--port", "0"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from lance_rl.data.shapes import MotionPrompt, render, render_clip, split_prompts
-from rewards.registry import load_reward
-from rewards.shapes import ShapesPrompt, all_prompts, check
+from lance_rl.rewards.registry import load_reward
+from lance_rl.rewards.shapes import ShapesPrompt, all_prompts, check
 
 
 @pytest.mark.parametrize("size", [16, 32, 64])

@@ -107,7 +107,7 @@ def test_a_killed_rollout_worker_is_replaced_and_nothing_is_lost(tmp_path, sft_t
 
 
 def test_full_policy_video_and_edit_rollouts_run(tmp_path, sft_tiny, shapes16):
-    from model import media
+    from lance_rl.model import media
 
     model = sft_model(sft_tiny)
     run(small(tmp_path / "full", model, "rewards={jpeg_incompressibility: 1.0}", "train.policy=generation",

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import load_lance
-from model.sampling import (
+from lance_rl.model.checkpoint import load_lance
+from lance_rl.model.sampling import (
     CFGConfig,
     GenerationRequest,
     SamplerConfig,

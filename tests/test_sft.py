@@ -38,11 +38,11 @@ def colour_accuracy(model_dir, prompts, seeds=2) -> float:
     """Share of samples whose tint is the prompted colour: the palette colour whose departure from white
     (255 - rgb) points most nearly the way the image's mean departure from white does (a simple pixel measure that
     still works on the blurry samples of a barely trained model)."""
-    from model import media
-    from model.checkpoint import load_lance
-    from model.sampling import CFGConfig, GenerationRequest, SamplerConfig, generate
-    from model.vae import PatchVAE
-    from rewards.shapes import COLORS
+    from lance_rl.model import media
+    from lance_rl.model.checkpoint import load_lance
+    from lance_rl.model.sampling import CFGConfig, GenerationRequest, SamplerConfig, generate
+    from lance_rl.model.vae import PatchVAE
+    from lance_rl.rewards.shapes import COLORS
 
     loaded = load_lance(model_dir)
     requests = [GenerationRequest("t2i", p.caption, (1, 4, 4)) for p in prompts]
@@ -98,7 +98,7 @@ def test_a_resumed_run_reaches_the_same_weights(world, tmp_path):
 def test_lora_trains_adapters_only_and_exports_a_loadable_checkpoint(world, tmp_path):
     from lance_rl.export import export
     from lance_rl.cli import main
-    from model.checkpoint import load_lance
+    from lance_rl.model.checkpoint import load_lance
 
     out = tmp_path / "lora"
     recipe_main(str(recipe(world, out, lora={"enabled": True, "rank": 4, "alpha": 8.0}, optim={"lr": 1e-2})), [])

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model.config import LanceConfig
-from model.vae import (
+from lance_rl.model.config import LanceConfig
+from lance_rl.model.vae import (
     WAN22_DIFFUSERS_CONFIG,
     WAN22_LATENT_MEAN,
     WAN22_LATENT_STD,

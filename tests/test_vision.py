@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from model.vision import build_vit, load_vit_config, patchify_video, vit_config_from_dict
+from lance_rl.model.vision import build_vit, load_vit_config, patchify_video, vit_config_from_dict
 
 PARITY = Path(__file__).resolve().parents[2] / "shared" / "parity"
 

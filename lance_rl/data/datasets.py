@@ -21,7 +21,7 @@ Both readers share the same contract, which the trainer relies on:
   ``load_state_dict`` yields exactly the sequence an uninterrupted one would have. Only one iterator per dataset at a
   time: iterators read and advance the dataset's own position (that is what makes the state exact).
 
-Tokenisation, resizing / normalisation (``model.media.vae_tensor`` / ``vit_tensor``) and VAE encoding are the
+Tokenisation, resizing / normalisation (``lance_rl.model.media.vae_tensor`` / ``vit_tensor``) and VAE encoding are the
 trainer's job; this module only decodes media to uint8 frames. Sharding across ranks / DataLoader workers is not done
 here (the release keeps rows with ``row_idx % (world * workers) == worker_id``); give each worker its own files or seed.
 """
@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.media import MediaError, read_image, read_video
+from lance_rl.model.media import MediaError, read_image, read_video
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ GENERATION_TASKS = ("t2i", "t2v", "image_edit", "video_edit")
 # Video sampling (the release's `multi_clips` frame sampler, spec 5.4): 12 fps, at most 6 s, 4k+1 frames so the
 # Wan2.2 VAE (4x temporal compression plus a leading frame) takes them whole. Understanding videos use the release's
 # v2t setting, max_duration 2 s; they keep the 4k+1 rule as the release does (the ViT pads to an even count itself,
-# see model.media.vit_tensor).
+# see lance_rl.model.media.vit_tensor).
 VIDEO_FPS = 12.0
 GEN_MAX_SECONDS = 6.0
 X2T_MAX_SECONDS = 2.0

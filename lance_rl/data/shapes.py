@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from rewards.shapes import COLORS, ShapesPrompt, all_prompts
+from lance_rl.rewards.shapes import COLORS, ShapesPrompt, all_prompts
 
 NUM_HELDOUT = 24  # of 144 captions; never seen in training
 DIRECTIONS = ("left", "right", "up", "down")
@@ -144,7 +144,7 @@ def write_video_parquet(path: str | Path, num_clips: int, num_frames: int = 9, s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from model.media import write_mp4
+    from lance_rl.model.media import write_mp4
 
     rng = random.Random(seed)
     captions, videos = [], []
