@@ -8,6 +8,14 @@ weights), and ``model_name`` may be an ``"hf-hub:org/repo"`` name. ``from_model`
   for a good match with real CLIP). Never None.
 - ``image_similarity`` (editing): cosine similarity of the generated image and its condition image, in [-1, 1];
   None for samples without a condition. A condition video is embedded as the mean of its frames' embeddings.
+
+Other scales of the same cosine: torchmetrics' ``CLIPScore`` reports ``max(100 * cos, 0)``; flow_grpo's CLIP reward is
+``logits / 30`` = ``100 * cos / 30`` for OpenAI's CLIP (logit scale 100). Images are resized (shortest side, bicubic)
+and centre-cropped, as OpenAI's CLIP and torchmetrics do.
+
+Weights tagged as trained with QuickGELU (``"openai"``, and the LAION-400M, MetaCLIP and DFN tags open_clip marks so)
+are built with QuickGELU on every open_clip version: 2.24-2.28 did so for ``"openai"`` only; 2.29 and later build
+``nn.GELU`` and only warn, which silently changes every score.
 """
 
 from __future__ import annotations
@@ -17,6 +25,19 @@ import torch
 from PIL import Image
 
 from .base import Reward
+
+
+def trained_with_quick_gelu(model_name: str, pretrained: str | None) -> bool:
+    """Whether the open_clip tag ``pretrained`` names weights trained with QuickGELU (OpenAI's CLIP, some LAION runs).
+
+    False for a checkpoint file, no weights, or an ``hf-hub:``/``local-dir:`` model, whose own config decides."""
+    if not pretrained or model_name.startswith(("hf-hub:", "local-dir:")):
+        return False
+    if pretrained.lower() == "openai":  # open_clip < 2.29 marks no tag, but every OpenAI CLIP used QuickGELU
+        return True
+    import open_clip
+
+    return bool(open_clip.get_pretrained_cfg(model_name.replace("/", "-"), pretrained).get("quick_gelu", False))
 
 
 class OpenClip:
@@ -33,8 +54,9 @@ class OpenClip:
         import open_clip  # heavy: imported only when a CLIP reward is built
 
         model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, precision=precision, device=device
-        )
+            model_name, pretrained=pretrained, precision=precision, device=device,
+            force_quick_gelu=trained_with_quick_gelu(model_name, pretrained),
+        )  # fmt: skip
         return cls(model, preprocess, open_clip.get_tokenizer(model_name), device, **kwargs)
 
     @torch.no_grad()

@@ -1,8 +1,9 @@
 """OCR accuracy of the text a prompt asks for (flow_grpo's ``ocr`` reward, on RapidOCR instead of PaddleOCR).
 
 The target is the first double-quoted span of the prompt (``'a sign that says "OPEN"'`` -> ``OPEN``; straight or
-curly quotes), or ``metadata["ocr_text"]`` where given. Both the target and the recognised text (all boxes, in
-reading order) are lower-cased with spaces removed, then, as in flow_grpo:
+curly quotes), or ``metadata["ocr_text"]`` where given. The recognised text joins, in reading order, the boxes whose
+confidence is above ``min_confidence`` (default 0: as in flow_grpo, a box read with confidence 0 is dropped). Both
+texts are lower-cased with spaces removed, then, as in flow_grpo:
 
     score = 1 if the target occurs in the recognised text, else 1 - min(edit_distance, len(target)) / len(target)
 
@@ -83,7 +84,7 @@ class OcrReward(Reward):
                 scores.append(None)
                 recognised.append(None)
                 continue
-            text = "".join(t for t, conf in self.engine(image) if conf >= self.min_confidence)
+            text = "".join(t for t, conf in self.engine(image) if conf > self.min_confidence)
             recognised.append(text)
             scores.append(text_accuracy(text, target))
         return scores, {"ocr_text": recognised, "target": targets}

@@ -2,7 +2,8 @@
 
 - ``video_temporal_consistency``: mean CLIP (open_clip) cosine similarity of neighbouring frames, in [-1, 1]
   (near 1 for smooth video, lower for flicker or cuts). None for a single-frame video. Details: ``min`` (the
-  least similar neighbouring pair). ``max_frames`` frames are taken evenly across the video first.
+  least similar neighbouring pair). ``max_frames`` frames are taken evenly across the video first. The default,
+  OpenAI's ViT-B-32, is built with QuickGELU as it was trained (see ``rewards.clip``).
 - ``frames``: ``FrameReward(reward, num_frames=4, reduce="mean")`` scores ``num_frames`` evenly spaced frames of
   each video with an image reward (prompts, conditions and metadata repeated per frame) and reduces them with
   ``mean`` or ``min`` over the frames the reward applies to; None where it applies to none. Its range is the image

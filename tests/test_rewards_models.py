@@ -101,13 +101,15 @@ def test_image_similarity_for_editing(clip_score):
     assert sim(prompts=["x"], images=[a]).scores == [None]
 
 
-def test_hpsv2_loads_an_hps_checkpoint(open_clip_weights, clip_score, tmp_path):
+def test_hpsv2_loads_an_hps_checkpoint(open_clip_weights, tmp_path):
     state = torch.load(open_clip_weights)
     ckpt = tmp_path / "HPS_v2.1_compressed.pt"
     torch.save({"state_dict": state}, ckpt)  # the released file's layout
     hps = load_reward("hpsv2", checkpoint=str(ckpt), model_name=TINY_CLIP)
-    ims, prompts = rand_images(2, seed=2), ["a cat", "a dog"]
-    assert hps(prompts=prompts, images=ims).scores == pytest.approx(clip_score(prompts=prompts, images=ims).scores, abs=1e-5)
+    loaded = hps.clip.model.state_dict()
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    scores = hps(prompts=["a cat", "a dog"], images=rand_images(2, seed=2)).scores  # values: test_rewards_reference
+    assert all(-1 <= s <= 1 for s in scores)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_reward("hpsv2", checkpoint=str(tmp_path / "missing.pt"), model_name=TINY_CLIP)
 
