@@ -47,7 +47,9 @@ def bench_rollout(
     cfg_scale: float = 4.0,
     repeats: int = 3,
 ) -> dict:
-    from lance_rl.model.sampling import CFGConfig, GenerationRequest, SamplerConfig, encode_prefix, generate, initial_noise, sample
+    from lance_rl.model.guidance import CFGConfig
+    from lance_rl.model.prefix import GenerationRequest, encode_prefix
+    from lance_rl.model.sampling import SamplerConfig, generate, initial_noise, sample
 
     model, tok = _load(checkpoint)
     config = SamplerConfig(num_steps=num_steps, shift=3.0, kind="sde", noise_level=0.7, sde_window=(0, num_steps - 1),
@@ -93,8 +95,11 @@ def bench_train(
     repeats: int = 3,
 ) -> dict:
     from lance_rl.config import LoraSection
-    from lance_rl.sft import apply_lora
-    from lance_rl.model.sampling import CFGConfig, GenerationRequest, SamplerConfig, encode_prefix, generate, step, velocity
+    from lance_rl.policy import apply_lora
+    from lance_rl.model.guidance import CFGConfig
+    from lance_rl.model.prefix import GenerationRequest, encode_prefix
+    from lance_rl.model.sampling import SamplerConfig, generate, velocity
+    from lance_rl.model.schedule import step
 
     model, tok = _load(checkpoint)
     model.requires_grad_(False)

@@ -175,6 +175,7 @@ def _cuda() -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     from lance_rl import __version__
+    from lance_rl.model.tasks import GENERATION_TASKS
 
     parser = argparse.ArgumentParser(prog="lance-rl", description="SFT and flow-GRPO post-training for Lance.")
     parser.add_argument("--version", action="version", version=f"lance-rl {__version__}")
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate images or videos (t2i, t2v, i2v, image_edit, video_edit)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--task", required=True, choices=["t2i", "t2v", "i2v", "image_edit", "video_edit"])
+    p.add_argument("--task", required=True, choices=GENERATION_TASKS)
     p.add_argument("--prompt", required=True, help="the caption or the edit instruction")
     p.add_argument("--image", default=None, help="source image (i2v, image_edit)")
     p.add_argument("--video", default=None, help="source video (video_edit)")

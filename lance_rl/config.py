@@ -224,7 +224,8 @@ class LoraSection:
 @dataclasses.dataclass
 class OptimSection:
     """AdamW with warm-up; the release's values are lr 1e-4, betas (0.9, 0.95), eps 1e-15, no weight decay,
-    constant schedule after 500 warm-up steps, gradient clipping at 1.0."""
+    constant schedule after 500 warm-up steps, gradient clipping at 1.0. Steps are optimizer steps (in RL:
+    updates x inner epochs x minibatches)."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -235,14 +236,45 @@ class OptimSection:
     min_lr: float = 0.0  # floor of the cosine schedule
     max_grad_norm: float = 1.0  # 0 turns clipping off
 
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise RecipeError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise RecipeError(f"optim.min_lr must be in [0, optim.lr = {self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.eps <= 0:
+            raise RecipeError("optim.warmup_steps, weight_decay and max_grad_norm must be >= 0 and optim.eps > 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise RecipeError(f"optim.betas must lie in [0, 1), got {self.betas}")
+
 
 @dataclasses.dataclass
 class CheckpointSection:
     every: int = 500  # steps between checkpoints (and one at the end)
     keep_last: int = 2  # older checkpoints are deleted; 0 keeps all
 
+    def __post_init__(self):
+        if self.every < 1:
+            raise RecipeError(f"checkpoint.every must be at least 1, got {self.every}")
+        if self.keep_last < 0:
+            raise RecipeError(f"checkpoint.keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
+
+
+@dataclasses.dataclass
+class WandbSection:
+    """Weights & Biases (`pip install lance-rl[wandb]`). mode "offline" writes the run under output_dir/wandb with no
+    network (`wandb sync` uploads it later)."""
+
+    project: str = "lance-rl"
+    name: str | None = None  # default: the output directory's name
+    mode: Literal["online", "offline"] = "online"
+
 
 @dataclasses.dataclass
 class LoggingSection:
-    every: int = 10  # steps between metric lines (metrics.jsonl always; TensorBoard when asked)
-    tensorboard: bool = False
+    every: int = 10  # steps (SFT) or updates (RL) between metric rows; evaluations are always logged
+    tensorboard: bool = False  # also write TensorBoard events under output_dir/tensorboard (`lance-rl[tensorboard]`)
+    wandb: WandbSection | None = None  # also log to Weights & Biases
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise RecipeError(f"logging.every must be at least 1, got {self.every}")

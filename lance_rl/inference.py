@@ -1,6 +1,6 @@
 """`lance-rl generate` and `lance-rl understand`: media files in, media files (or text) out, every setting recorded.
 
-The model-side work is `lance_rl.model.sampling`; this module only reads and preprocesses the inputs, picks defaults that fit
+The model-side work is `lance_rl.model.sampling` and `lance_rl.model.decoding`; this module only reads and preprocesses the inputs, picks defaults that fit
 the checkpoint's latent codec, decodes, and writes the outputs with a JSON record of how they were made.
 """
 
@@ -16,13 +16,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from lance_rl.model import media
-from lance_rl.model.checkpoint import LoadedLance, load_lance
-from lance_rl.model.sampling import CFGConfig, GenerationRequest, SamplerConfig, generate, generate_text
-from lance_rl.model.vae import build_vae, find_wan_vae
+from lance_rl.model.checkpoint import load_lance
+from lance_rl.model.decoding import generate_text
+from lance_rl.model.guidance import CFGConfig
+from lance_rl.model.prefix import GenerationRequest
+from lance_rl.model.sampling import SamplerConfig, generate
+from lance_rl.model.tasks import GENERATION_TASKS, has_source, is_edit, is_generation, makes_video, reads_video
 from lance_rl.model.vision import patchify_video
-
-GENERATION_TASKS = ("t2i", "t2v", "i2v", "image_edit", "video_edit")
-
+from lance_rl.policy import load_with_codec
 
 @dataclass
 class GenerateSettings:
@@ -50,13 +51,6 @@ class GenerateSettings:
     device: str = "cpu"
 
 
-def load_with_codec(checkpoint: str, vae_path: str | None, device: str) -> tuple[LoadedLance, object]:
-    loaded = load_lance(checkpoint, device=device)
-    config = loaded.model.config
-    path = vae_path or (find_wan_vae(Path(checkpoint)) if config.vae == "wan2.2" else None)
-    return loaded, build_vae(config, path, device=device)
-
-
 def _source(path: str, resolution, codec, frame_rule: str | None, is_video: bool, device: str):
     """Read a source image or video and run the release's preprocessing for both the ViT and the VAE."""
     frames = media.read_video(path, frame_rule=frame_rule)[0] if is_video else media.read_image(path)[None]
@@ -68,7 +62,7 @@ def _source(path: str, resolution, codec, frame_rule: str | None, is_video: bool
 
 def _defaults(s: GenerateSettings, codec) -> tuple[int, int, int, str | int]:
     """Output size and source preprocessing: the release's presets for Wan2.2, small sizes for the PatchVAE."""
-    video = s.task in ("t2v", "i2v", "video_edit")
+    video = makes_video(s.task)
     if type(codec).__name__ == "WanVAE":
         height = s.height or (480 if video else 768)
         width = s.width or (848 if video else 768)
@@ -83,14 +77,13 @@ def _defaults(s: GenerateSettings, codec) -> tuple[int, int, int, str | int]:
 
 
 def run_generate(s: GenerateSettings) -> dict:
-    if s.task not in GENERATION_TASKS:
-        raise ValueError(f"--task must be one of {GENERATION_TASKS}, got {s.task!r}")
-    needs_source = s.task in ("i2v", "image_edit", "video_edit")
-    if needs_source and not (s.image or s.video):
+    if not is_generation(s.task):
+        raise ValueError(f"--task must be one of {', '.join(GENERATION_TASKS)}, got {s.task!r}")
+    if has_source(s.task) and not (s.image or s.video):
         raise ValueError(f"--task {s.task} needs --image or --video (the source media)")
-    if s.task == "video_edit" and not s.video:
-        raise ValueError("--task video_edit needs --video")
-    loaded, codec = load_with_codec(s.checkpoint, s.vae, s.device)
+    if reads_video(s.task) and not s.video:
+        raise ValueError(f"--task {s.task} needs --video")
+    loaded, codec = load_with_codec(s.checkpoint, vae=s.vae, device=s.device)
     model, tok = loaded.model, loaded.tokenizer
     height, width, frames, resolution = _defaults(s, codec)
 
@@ -102,8 +95,8 @@ def run_generate(s: GenerateSettings) -> dict:
         height, width = source_shape[1:]  # the output takes the bucketed input image's size, as the release
         request.source_latent = latent[:1]
         request.target_grid = codec.latent_grid(frames, height, width)
-    elif needs_source:
-        is_video = s.task == "video_edit"
+    elif is_edit(s.task):
+        is_video = reads_video(s.task)
         src = s.video if is_video else s.image
         patches, vit_grid, latent, source_shape = _source(src, resolution, codec, "4k+1" if is_video else None, is_video, s.device)
         request.source_vit = (patches, vit_grid)

@@ -39,16 +39,17 @@ class PipelineConfig:
 
 
 def _finished(run: Path, total: int, key: str) -> bool:
+    from lance_rl.trainer import read_rows
+
     metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
-        return False
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return any(r.get(key) == total for r in rows)
+    return metrics.is_file() and any(r.get(key) == total for r in read_rows(metrics, warn=False))
 
 
 def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     from lance_rl import rl, sft
     from lance_rl.export import export
+    from lance_rl.rl_config import RLConfig
+    from lance_rl.sft_config import SFTConfig
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     sft_overrides = [*cfg.sft.overrides, f"output_dir={out / 'sft'}"]
     if cfg.base_checkpoint:
         sft_overrides.append(f"model.checkpoint={cfg.base_checkpoint}")
-    sft_cfg = load_recipe(sft.SFTConfig, cfg.sft.recipe, sft_overrides)
+    sft_cfg = load_recipe(SFTConfig, cfg.sft.recipe, sft_overrides)
     started = time.perf_counter()
     if resume and _finished(out / "sft", sft_cfg.train.steps, "step"):
         log.info("SFT already finished in %s", out / "sft")
@@ -77,7 +78,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     export(out / "sft", export_dir, ema=ema)
 
     # 3. RL from it.
-    rl_cfg = load_recipe(rl.RLConfig, cfg.rl.recipe, [*cfg.rl.overrides, f"output_dir={out / 'rl'}",
+    rl_cfg = load_recipe(RLConfig, cfg.rl.recipe, [*cfg.rl.overrides, f"output_dir={out / 'rl'}",
                                                       f"model.checkpoint={export_dir}"])  # fmt: skip
     started = time.perf_counter()
     if resume and _finished(out / "rl", rl_cfg.train.updates, "update"):

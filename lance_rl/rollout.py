@@ -1,215 +1,253 @@
-"""Rollouts: sample groups with the SDE sampler and record what the update needs; run them locally or in Ray actors.
+"""Rollouts: sample a group per prompt with the SDE sampler, record what the update needs, and run it in the trainer
+itself or in Ray actors.
 
-A rollout request is one prompt with one seed per group member; its result holds, per member, the states entering and
-leaving every stochastic step, their log-probabilities, the final latent and the decoded media (uint8). Workers hold
-their own copy of the policy and receive only the trainable weights after each update (a LoRA adapter is megabytes).
-Everything crosses process boundaries as numpy arrays and plain dicts.
+The seam between the trainer and its workers is typed: a `RolloutRequest` (one prompt, one seed per group member)
+and the update's `SamplerConfig` go out; a `RolloutResult` comes back with, per member, the states entering and
+leaving every recorded step, their log-probabilities, the decoded media (uint8), and the weights version it was
+sampled with. The trainer checks that version, so a result sampled before the latest sync is refused, never trained
+on. Workers build the same `Policy` as the trainer and receive only the trainable weights after each update, in
+buckets of bounded size (a LoRA adapter is megabytes; a full generation expert is sent a bucket at a time).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
 
+from lance_rl.policy import Policy, PolicySpec, build_policy, load_trainable_state
+
 log = logging.getLogger("lance_rl.rollout")
 
 
-@dataclass
-class PolicySpec:
-    """How to build the policy in any process: the checkpoint plus LoRA settings (or None for full training)."""
-
-    checkpoint: str
-    vit_dir: str | None
-    vae: str | None
-    lora: dict | None  # LoraSection fields, or None
-    trainable: str  # "lora" | "generation" | "both": which parameters train (and travel)
-    device: str = "cpu"
-
-
-def build_policy(spec: PolicySpec):
-    """(policy module, LanceModel, tokenizer, codec). With LoRA the policy is the PEFT wrapper around the model."""
-    from lance_rl.config import LoraSection
-    from lance_rl.sft import apply_lora, freeze_for_full_training
-    from lance_rl.model.checkpoint import load_lance
-    from lance_rl.model.vae import build_vae, find_wan_vae
-
-    loaded = load_lance(spec.checkpoint, vit_dir=spec.vit_dir, device=spec.device)
-    model = loaded.model
-    vae_path = spec.vae or (find_wan_vae(loaded.model_dir) if model.config.vae == "wan2.2" else None)
-    codec = build_vae(model.config, vae_path, device=spec.device)
-    model.requires_grad_(False)
-    if spec.lora is not None:
-        policy = apply_lora(model, LoraSection(**spec.lora))
-    else:
-        policy = model
-        freeze_for_full_training(model, understanding=spec.trainable == "both", generation=True)
-    return policy, model, loaded.tokenizer, codec
+@dataclass(frozen=True)
+class RolloutRequest:
+    request_id: int  # position in the update's batch
+    prompt_index: int  # row of the prompt set (prompts with one index share a prefix)
+    prompt: str
+    task: str
+    grid: tuple[int, int, int]  # the latent grid of the output
+    seeds: tuple[int, ...]  # one per group member: its SDE noise (and, by default, its initial noise)
+    noise_seeds: tuple[int, ...] | None = None  # initial noise per member (Flow-GRPO's same_latent: all equal)
+    source: str | None = None  # source media path (editing, i2v)
+    resolution: int | str = 32  # source preprocessing: an area side or a preset name
 
 
-def trainable_state(policy) -> dict[str, np.ndarray]:
-    return {n: p.detach().cpu().float().numpy() for n, p in policy.named_parameters() if p.requires_grad}
+@dataclass(frozen=True, eq=False)
+class RolloutResult:
+    request_id: int
+    weights_version: int  # the update whose weights sampled it
+    x_t: np.ndarray  # [G, S, N, C] state entering each recorded step
+    x_next: np.ndarray  # [G, S, N, C] state leaving it
+    log_probs: np.ndarray  # [G, S]
+    timesteps: np.ndarray  # [num_steps + 1]
+    steps: tuple[int, ...]  # indices of the recorded steps
+    media: np.ndarray  # [G, T, H, W, 3] uint8
+    source_media: np.ndarray | None = field(default=None)  # [T, H, W, 3] uint8: the edit source, for rewards
 
 
-@torch.no_grad()
-def load_trainable_state(policy, state: dict[str, np.ndarray]) -> None:
-    params = dict(policy.named_parameters())
-    missing = [n for n in state if n not in params]
-    if missing:
-        raise KeyError(f"weights for unknown parameters: {missing[:5]}")
-    for name, value in state.items():
-        params[name].copy_(torch.from_numpy(np.asarray(value)).to(params[name].dtype))
+class StaleRollout(RuntimeError):
+    """A rollout sampled with weights older than the trainer's: training on it would be off-policy by surprise."""
 
 
-def make_request(model, tokenizer, codec, request: dict):
-    """A GenerationRequest from a plain dict: {"task", "prompt", "grid", optional "source": path to media}."""
+def generation_request(policy: Policy, request: RolloutRequest):
+    """The model-side request (with the source media encoded for editing or i2v) and the source pixels."""
     from lance_rl.model import media
-    from lance_rl.model.sampling import GenerationRequest
+    from lance_rl.model.prefix import GenerationRequest
     from lance_rl.model.vision import patchify_video
 
-    req = GenerationRequest(request["task"], request["prompt"], tuple(request["grid"]))
-    if request.get("source"):
-        frames = media.read_media(request["source"])[0]
-        resolution = request.get("resolution", max(request.get("height", 32), request.get("width", 32)))
-        device = model.vae2llm.weight.device
-        latent = codec.encode(media.vae_tensor(frames, resolution).to(device), sample=False)
-        if req.task == "i2v":
-            req.source_latent = latent[:1]
-        else:
-            # The ViT needs at least one 28 px merged patch; tiny sources are upsampled for it (not for the VAE).
-            vit_resolution = resolution if isinstance(resolution, str) else max(int(resolution), 28)
-            req.source_vit = patchify_video(media.vit_tensor(frames, vit_resolution))
-            req.source_latent = latent
-            req.target_grid = tuple(latent.shape[:3])
-        request["source_media"] = frames
-    return req
+    req = GenerationRequest(request.task, request.prompt, tuple(request.grid))
+    if not request.source:
+        return req, None
+    frames = media.read_media(request.source)[0]
+    device = policy.model.vae2llm.weight.device
+    with torch.no_grad():
+        latent = policy.codec.encode(media.vae_tensor(frames, request.resolution).to(device), sample=False)
+    if request.task == "i2v":
+        req.source_latent = latent[:1]
+        return req, frames
+    # The ViT needs at least one 28 px merged patch; tiny sources are upsampled for it (not for the VAE).
+    vit_resolution = request.resolution if isinstance(request.resolution, str) else max(int(request.resolution), 28)
+    req.source_vit = patchify_video(media.vit_tensor(frames, vit_resolution))
+    req.source_latent = latent
+    req.target_grid = tuple(latent.shape[:3])
+    return req, frames
 
 
 @torch.no_grad()
-def rollout_groups(model, tokenizer, codec, requests: list[dict], sampler: dict) -> list[dict]:
-    """Sample each request's group (one prefix per prompt, broadcast over its group) and decode the outputs.
-
-    sampler: SamplerConfig fields plus "cfg" as CFGConfig fields. Returns one dict of numpy arrays per request.
-    """
+def rollout_group(policy: Policy, request: RolloutRequest, sampler, version: int) -> RolloutResult:
+    """Sample one request's group (one prefix, broadcast over the group) and decode the outputs."""
     from lance_rl.model import media
-    from lance_rl.model.sampling import CFGConfig, SamplerConfig, generate
+    from lance_rl.model.sampling import generate
 
-    cfg = SamplerConfig(**{k: v for k, v in sampler.items() if k != "cfg"}, cfg=CFGConfig(**sampler["cfg"]))
-    results = []
-    for request in requests:
-        req = make_request(model, tokenizer, codec, dict(request))
-        seeds = list(request["seeds"])
-        traj = generate(model, tokenizer, [req], cfg, seeds, group_size=len(seeds), noise_seeds=request.get("noise_seeds"))
-        t, h, w = req.target_grid
-        pixels = np.stack([media.to_uint8(codec.decode(x.view(t, h, w, -1))) for x in traj.latents])  # [G, T, H, W, 3]
-        results.append({
-            "request_id": request["request_id"],
-            "prompt_index": request["prompt_index"],
-            "x_t": traj.x_t.cpu().numpy(),
-            "x_next": traj.x_next.cpu().numpy(),
-            "log_probs": traj.log_probs.cpu().numpy(),
-            "latents": traj.latents.cpu().numpy(),
-            "timesteps": traj.timesteps.cpu().numpy(),
-            "steps": list(traj.steps),
-            "media": pixels,
-            "grid": [t, h, w],
-        })  # fmt: skip
-    return results
+    req, source = generation_request(policy, request)
+    with policy.autocast():
+        traj = generate(policy.model, policy.tokenizer, [req], sampler, list(request.seeds), group_size=len(request.seeds),
+                        noise_seeds=list(request.noise_seeds) if request.noise_seeds else None)  # fmt: skip
+    t, h, w = req.target_grid
+    pixels = np.stack([media.to_uint8(policy.codec.decode(x.view(t, h, w, -1))) for x in traj.latents])
+    return RolloutResult(
+        request_id=request.request_id,
+        weights_version=version,
+        x_t=traj.x_t.cpu().numpy(),
+        x_next=traj.x_next.cpu().numpy(),
+        log_probs=traj.log_probs.cpu().numpy(),
+        timesteps=traj.timesteps.cpu().numpy(),
+        steps=tuple(traj.steps),
+        media=pixels,
+        source_media=source,
+    )
 
 
+# ------------------------------------------------------------------------------------------------ weights in buckets
+def to_buckets(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    """Split weights into dicts of at most `max_bytes` (a tensor larger than that travels alone), as numpy arrays
+    (bf16 as its 16-bit pattern; numpy has no bf16) so Ray moves them without copies."""
+    buckets: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if buckets[-1] and size + nbytes > max_bytes:
+            buckets.append({})
+            size = 0
+        t = tensor.detach().cpu().contiguous()
+        buckets[-1][name] = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        size += nbytes
+    return buckets
+
+
+def from_bucket(bucket: dict[str, np.ndarray], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, array in bucket.items():
+        t = torch.from_numpy(np.array(array))  # Ray hands back read-only arrays
+        out[name] = t.view(torch.bfloat16) if dtypes[name] == torch.bfloat16 and t.dtype == torch.int16 else t
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ colocated
 class LocalRollout:
-    """Colocated mode: the trainer's own policy samples (one GPU, or this CPU without Ray)."""
+    """The trainer's own policy samples (one GPU, or this CPU without Ray): always the current weights."""
 
-    def __init__(self, model, tokenizer, codec):
-        self.model, self.tokenizer, self.codec = model, tokenizer, codec
+    def __init__(self, policy: Policy):
+        self.policy, self.version = policy, 0
 
-    def set_weights(self, state) -> None:  # the trainer's policy is the sampler: nothing to send
-        pass
+    def set_weights(self, policy: Policy, version: int) -> dict:
+        self.version = version  # the trainer's policy is the sampler: nothing moves
+        return {"bytes": 0, "buckets": 0}
 
-    def rollout(self, requests: list[dict], sampler: dict) -> list[dict]:
-        was_training = self.model.training
-        self.model.eval()
+    def stream(self, requests: list[RolloutRequest], sampler) -> Iterator[RolloutResult]:
+        was_training = self.policy.module.training
+        self.policy.module.eval()
         try:
-            requests = [dict(r, request_id=n) for n, r in enumerate(requests)]
-            return rollout_groups(self.model, self.tokenizer, self.codec, requests, sampler)
+            for request in requests:
+                yield rollout_group(self.policy, request, sampler, self.version)
         finally:
-            self.model.train(was_training)
+            self.policy.module.train(was_training)
 
     def close(self) -> None:
         pass
 
 
+# ------------------------------------------------------------------------------------------------ Ray workers
 class _Worker:
-    """A Ray actor holding a policy copy; only coarse calls cross the boundary."""
+    """A Ray actor holding its own copy of the policy; only coarse calls cross the boundary."""
 
-    def __init__(self, spec: dict, threads: int = 1):
+    def __init__(self, spec: PolicySpec, threads: int = 1):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         torch.set_num_threads(threads)
-        self.policy, self.model, self.tokenizer, self.codec = build_policy(PolicySpec(**spec))
-        self.model.eval()
+        self.policy = build_policy(spec)
+        self.policy.module.eval()
+        self.params = self.policy.trainable
+        self.dtypes = {n: p.dtype for n, p in self.params.items()}
+        self.version = 0
 
-    def set_weights(self, state: dict) -> bool:
-        load_trainable_state(self.policy, state)
-        return True
+    def set_weights(self, version: int, bucket_refs: list) -> int:
+        import ray
 
-    def rollout(self, requests: list[dict], sampler: dict) -> list[dict]:
-        return rollout_groups(self.model, self.tokenizer, self.codec, requests, sampler)
+        for ref in bucket_refs:  # one bucket in memory at a time
+            load_trainable_state(self.params, from_bucket(ray.get(ref), self.dtypes))
+        self.version = version
+        return version
+
+    def rollout(self, request: RolloutRequest, sampler) -> RolloutResult:
+        return rollout_group(self.policy, request, sampler, self.version)
 
     def pid(self) -> int:
         return os.getpid()
 
 
 class RayRollout:
-    """Rollout workers as Ray actors. Requests are dealt round-robin; a worker that dies is replaced, brought to the
-    current weights, and its requests are run again, so nothing is lost."""
+    """Rollout workers as Ray actors. Each request is one call, dealt round-robin; `stream` yields results as they
+    finish, so the trainer scores a group while the next ones sample. A worker that dies is replaced, brought to the
+    current weights, and its unfinished requests are run again, so nothing is lost."""
 
     def __init__(self, spec: PolicySpec, num_workers: int, num_cpus: float = 0.5, num_gpus: float = 0.0,
-                 ray_address: str | None = None):  # fmt: skip
+                 bucket_mb: float = 512.0):  # fmt: skip
         import ray
 
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            if ray_address:
-                ray.init(address=ray_address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
         self.ray = ray
-        self.spec = dict(spec.__dict__)
+        self.spec = spec
         self.actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_Worker)
         self.workers = [self._spawn() for _ in range(num_workers)]
-        self.state_ref = None
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.bucket_refs: list = []
+        self.version = 0
         self.replaced = 0
 
     def _spawn(self):
         return self.actor_cls.remote(self.spec)
 
-    def set_weights(self, state: dict) -> None:
-        self.state_ref = self.ray.put(state)  # one copy in the object store, read by every worker
-        self.ray.get([w.set_weights.remote(self.state_ref) for w in self.workers])
+    def set_weights(self, policy: Policy, version: int) -> dict:
+        """Send the trainable weights (LoRA only with LoRA) to every worker in buckets; returns what moved."""
+        buckets = to_buckets({n: p.detach() for n, p in policy.trainable.items()}, self.bucket_bytes)
+        self.bucket_refs = [self.ray.put(b) for b in buckets]  # one copy in the object store, read by every worker
+        self.ray.get([w.set_weights.remote(version, self.bucket_refs) for w in self.workers])
+        self.version = version
+        return {"bytes": sum(a.nbytes for b in buckets for a in b.values()), "buckets": len(buckets)}
 
-    def rollout(self, requests: list[dict], sampler: dict) -> list[dict]:
-        requests = [dict(r, request_id=n) for n, r in enumerate(requests)]
-        chunks = [requests[i :: len(self.workers)] for i in range(len(self.workers))]
-        pending = {i: self.workers[i].rollout.remote(c, sampler) for i, c in enumerate(chunks) if c}
-        results: list[dict] = []
+    def stream(self, requests: list[RolloutRequest], sampler) -> Iterator[RolloutResult]:
+        pending = {}  # ObjectRef -> (worker index, request)
+        for n, request in enumerate(requests):
+            i = n % len(self.workers)
+            pending[self.workers[i].rollout.remote(request, sampler)] = (i, request)
         while pending:
-            i, ref = next(iter(pending.items()))
+            (ref,), _ = self.ray.wait(list(pending), num_returns=1)
+            i, request = pending.pop(ref)
             try:
-                results += self.ray.get(ref)
-                del pending[i]
+                yield self.ray.get(ref)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as e:
-                log.warning("rollout worker %d died (%s); replacing it and redoing its %d request(s)", i,
-                            type(e).__name__, len(chunks[i]))  # fmt: skip
-                self.workers[i] = self._spawn()
-                self.replaced += 1
-                if self.state_ref is not None:
-                    self.ray.get(self.workers[i].set_weights.remote(self.state_ref))
-                pending[i] = self.workers[i].rollout.remote(chunks[i], sampler)
-        return sorted(results, key=lambda r: r["request_id"])
+                self._replace(i, e)
+                pending[self.workers[i].rollout.remote(request, sampler)] = (i, request)
+                # Calls queued on the dead actor fail too; resubmit them to its replacement now.
+                for other, (j, queued) in list(pending.items()):
+                    if j == i and other is not ref:
+                        del pending[other]
+                        pending[self.workers[i].rollout.remote(queued, sampler)] = (i, queued)
+
+    def _replace(self, i: int, error: Exception) -> None:
+        log.warning("rollout worker %d died (%s); replacing it and redoing its requests", i, type(error).__name__)
+        self.workers[i] = self._spawn()
+        self.replaced += 1
+        if self.bucket_refs:
+            self.ray.get(self.workers[i].set_weights.remote(self.version, self.bucket_refs))
 
     def close(self) -> None:
         for w in self.workers:
             self.ray.kill(w)
+
+
+def init_ray(address: str | None) -> None:
+    """One `ray.init` for every Ray user of a run (rollout workers and reward actors), with the recipe's address."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)

@@ -2,10 +2,12 @@
 
     lance-rl sft --config recipes/quickstart/sft.yaml [key=value ...] [--resume]
 
-One class, read top to bottom: `setup()` builds the model, optimizer and data in that order (the optimizer needs the
-trainable parameters, which LoRA and the freezing rules decide), `train()` is the loop, `save_checkpoint()` writes
-everything a resume needs. Losses follow the release (spec 5.2): token means of each loss, total
-`ce_weight * CE + mse_weight * MSE`, timesteps `shift(sigmoid(N(0, 1)))`, condition tokens at t = 0 and excluded.
+One class, read top to bottom: `setup()` builds the policy (policy.py decides what trains and its precision), the
+optimizer and the data, `train()` is the loop, `save_checkpoint()` writes everything a resume needs. Losses follow
+the release (spec 5.2): token means of each loss, total `ce_weight * CE + mse_weight * MSE`, timesteps
+`shift(sigmoid(N(0, 1)))`, condition tokens at t = 0 and excluded. Settings: `lance_rl/sft_config.py`.
+
+Data-parallel through accelerate (DDP; `accelerate launch` on GPUs, or torchrun with gloo on CPUs).
 
 Determinism: every random choice of a sample (dropout, timestep, VAE posterior noise) is seeded from the run seed and
 the sample's global index, and the flow noise of a step from the run seed and the step, so a resumed run draws exactly
@@ -14,140 +16,30 @@ what an uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
-import math
 import os
 import random
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from lance_rl.checkpointing import commit_checkpoint, latest_checkpoint, swapped_in
-from lance_rl.config import (
-    CheckpointSection,
-    LoggingSection,
-    LoraSection,
-    ModelSection,
-    OptimSection,
-    RecipeError,
-    load_recipe,
-    to_dict,
+from lance_rl.config import load_recipe, to_dict
+from lance_rl.sft_config import DataSection, SFTConfig, TrainSection, check_before_loading
+from lance_rl.trainer import (
+    MetricsLog,
+    build_optimizer,
+    clip_gradients,
+    read_safetensors,
+    read_trainer_state,
+    resolve_precision,
+    resume_latest,
+    select_device,
 )
 
 log = logging.getLogger("lance_rl.sft")
-
-
-# ------------------------------------------------------------------------------------------------ the recipe
-@dataclass
-class DatasetSection:
-    path: str  # a .parquet file, a directory or glob of them, or a .jsonl manifest
-    type: str = "auto"  # official dataset_type (text2image_general, ...) or "auto"
-    weight: float = 1.0  # sampling weight among the datasets
-    resolution: int | str = 256  # preprocessing: a preset name (image_768res, video_480p, ...) or an area side
-
-
-@dataclass
-class DataSection:
-    datasets: list[DatasetSection]
-    tokens_per_step: int = 4096  # packing budget: samples are added while the pack stays within it
-    text_dropout: float = 0.1  # caption dropped (for CFG), as the release
-    visual_dropout: float = 0.1  # edit source (its ViT and VAE blocks) dropped, as the release
-
-    def __post_init__(self):
-        if not self.datasets:
-            raise RecipeError("data.datasets is empty: list at least one dataset")
-        for name in ("text_dropout", "visual_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise RecipeError(f"data.{name} must be in [0, 1), got {getattr(self, name)}")
-
-
-@dataclass
-class TrainSection:
-    steps: int
-    ce_weight: float = 0.25  # the release's weights
-    mse_weight: float = 1.0
-    timestep_shift: float = 4.0  # t = shift(sigmoid(N(0, 1))); the release trains with 4
-    accumulate: int = 1  # packs per optimizer step
-    train_understanding: bool = True  # full mode: the Qwen expert trains too (the release trains both)
-    train_generation: bool = True
-    freeze_embeddings: bool = True  # embed_tokens and lm_head frozen, as the release
-    ema_decay: float = 0.0  # 0 turns EMA off; the release uses 0.9999
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast on CUDA; CPUs run fp32
-    device: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise RecipeError(f"train.steps must be at least 1, got {self.steps}")
-        if not 0 <= self.ema_decay < 1:
-            raise RecipeError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.ce_weight < 0 or self.mse_weight < 0:
-            raise RecipeError("train.ce_weight and train.mse_weight must be non-negative")
-
-
-@dataclass
-class SFTConfig:
-    output_dir: str
-    model: ModelSection
-    data: DataSection
-    train: TrainSection
-    optim: OptimSection = field(default_factory=OptimSection)
-    lora: LoraSection = field(default_factory=LoraSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
-
-    def validate_paths(self) -> None:
-        """Inputs must exist before any work starts."""
-        if not (Path(self.model.checkpoint) / "llm_config.json").is_file():
-            raise RecipeError(f"model.checkpoint: {self.model.checkpoint} is not a Lance checkpoint (no llm_config.json)")
-        for i, d in enumerate(self.data.datasets):
-            if not Path(d.path).exists() and not glob.glob(d.path):
-                raise RecipeError(f"data.datasets[{i}].path: {d.path} does not exist")
-
-
-# ------------------------------------------------------------------------------------------------ LoRA and freezing
-_LAYER = r"language_model\.model\.layers\.\d+\."
-LORA_PRESETS = {
-    "generation": [_LAYER + r"self_attn\.[qkvo]_proj_moe_gen", _LAYER + r"mlp_moe_gen\.(gate|up|down)_proj"],
-    "understanding": [_LAYER + r"self_attn\.[qkvo]_proj", _LAYER + r"mlp\.(gate|up|down)_proj"],
-}
-LORA_PRESETS["both"] = LORA_PRESETS["generation"] + LORA_PRESETS["understanding"]
-
-
-def lora_target_regex(targets: str | list[str]) -> str:
-    patterns = LORA_PRESETS[targets] if isinstance(targets, str) else targets
-    return "|".join(f"(?:{p})" for p in patterns)
-
-
-def apply_lora(model, lora: LoraSection):
-    """Wrap the model with PEFT LoRA adapters on the target projections; only adapter weights train."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora_target_regex(lora.targets), init_lora_weights=True)  # fmt: skip
-    return get_peft_model(model, config)
-
-
-def freeze_for_full_training(model, understanding: bool, generation: bool, freeze_embeddings: bool = True) -> None:
-    """The release's rules: the ViT never trains; embeddings frozen by default; each expert as asked (the generation
-    heads time_embedder, vae2llm, llm2vae go with the generation expert)."""
-    for name, p in model.named_parameters():
-        if name.startswith("vit_model."):
-            trainable = False
-        elif "embed_tokens" in name or "lm_head" in name:
-            trainable = not freeze_embeddings
-        elif name.startswith("language_model."):
-            trainable = generation if "_moe_gen" in name else understanding
-        else:
-            trainable = generation
-        p.requires_grad_(trainable)
 
 
 # ------------------------------------------------------------------------------------------------ samples
@@ -160,13 +52,14 @@ def make_sample(example, index: int, tokenizer, codec, data: DataSection, train:
     """One training sample (plan, media) from a decoded example, with the release's preprocessing and dropout."""
     from lance_rl.model import media
     from lance_rl.model.packing import SampleMedia
-    from lance_rl.model.sampling import shift_time
+    from lance_rl.model.schedule import shift_time
     from lance_rl.model.sequence import build_plan, generation_plan, noise_block, understanding_plan
+    from lance_rl.model.tasks import is_edit, is_understanding
     from lance_rl.model.tokenizer import system_prompt
     from lance_rl.model.vision import patchify_video
 
     rng, gen = _rng_for(train.seed, index)
-    if example.task.startswith("x2t"):
+    if is_understanding(example.task):
         patches, vit_grid = patchify_video(media.vit_tensor(example.source, resolution))
         t, h, w = vit_grid
         plan = understanding_plan(tokenizer, example.task, (t, h // 2, w // 2), example.text, example.answer,
@@ -177,7 +70,7 @@ def make_sample(example, index: int, tokenizer, codec, data: DataSection, train:
     target = codec.encode(media.vae_tensor(example.target, resolution).to(device), generator=gen).cpu()
     grid = tuple(target.shape[:3])
     t = float(shift_time(torch.sigmoid(torch.randn((), generator=gen)), train.timestep_shift))
-    if example.task in ("t2i", "t2v"):
+    if not is_edit(example.task):
         plan = generation_plan(tokenizer, example.task, caption, grid, training=True)
         return plan, SampleMedia(latents=[target], timesteps=[t])
     # Editing: the source enters as a ViT block and a clean VAE block, both dropped together with visual_dropout.
@@ -205,97 +98,61 @@ def flow_loss(out, ce_weight: float, mse_weight: float) -> tuple[torch.Tensor, d
 # ------------------------------------------------------------------------------------------------ the trainer
 class SFTRecipe:
     def __init__(self, cfg: SFTConfig, resume: bool = False):
-        cfg.validate_paths()
-        self.cfg = cfg
-        self.resume = resume
+        check_before_loading(cfg)
+        self.cfg, self.resume = cfg, resume
         self.out = Path(cfg.output_dir)
         self.step = 0
         self.samples_seen = 0
+        self.metrics = None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
+        from lance_rl.policy import EMA, PolicySpec, build_policy
+
+        c, t = self.cfg, self.cfg.train
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             # CPU processes started by torchrun: accelerate sets up NCCL or MPI itself, but not plain gloo.
             if not torch.distributed.is_initialized():
                 torch.distributed.init_process_group("gloo")
         # One process on a CPU; under `accelerate launch` one per GPU with DDP. Unused parameters are expected: a
         # pack without answers gives the last layer's understanding MLP no gradient.
-        self.accelerator = Accelerator(cpu=self.cfg.train.device == "cpu" or not torch.cuda.is_available(),
+        self.accelerator = Accelerator(cpu=t.device == "cpu" or not torch.cuda.is_available(),
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])  # fmt: skip
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.main = self.accelerator.is_main_process
-        torch.manual_seed(self.cfg.train.seed)
+        torch.manual_seed(t.seed)
         self.device = self._device()
-        self._setup_model()  # first: LoRA and freezing decide what the optimizer gets
-        self._setup_optimizer()
+        self.precision = resolve_precision(t.precision, self.device)
+        spec = PolicySpec(c.model.checkpoint, c.model.vit_dir, c.model.vae, c.trains, c.lora if c.lora.enabled else None,
+                          self.precision, freeze_embeddings=t.freeze_embeddings, device=str(self.device))  # fmt: skip
+        self.policy = build_policy(spec)  # first: LoRA and freezing decide what the optimizer gets
+        self.policy.model.attn_backend = c.model.attn_backend
+        self.policy.model.language_model.model.gradient_checkpointing = c.model.gradient_checkpointing
+        self.trainable = self.policy.trainable
+        self.model = self.accelerator.prepare_model(self.policy.module)  # DDP under accelerate launch; as is alone
+        self.ema = EMA(self.trainable, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
+        optimizer, self.scheduler = build_optimizer(list(self.trainable.values()), c.optim, t.steps)
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
         self._setup_data()
+        log.info("training %s parameters (%s, %s)", f"{sum(p.numel() for p in self.trainable.values()):,}", c.trains,
+                 self.precision)  # fmt: skip
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
+            (self.out / "config.json").write_text(json.dumps(to_dict(c), indent=2) + "\n")
         self.accelerator.wait_for_everyone()
         if self.resume:
-            self._load_latest()
-        self.metrics = (self.out / "metrics.jsonl").open("a") if self.main else None
-        self.tb = None
-        if self.cfg.logging.tensorboard and self.main:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            resume_latest(self.out, self._load)
+        self.metrics = MetricsLog(self.out, "step", t.steps, c.logging, to_dict(c),
+                                  resume_at=self.step if self.resume else None, enabled=self.main)  # fmt: skip
 
     def _device(self) -> torch.device:
         d = self.cfg.train.device
         if d not in ("auto", "cpu"):
-            return torch.device(d)
+            return select_device(d)
         device = self.accelerator.device
         return torch.device("cpu") if device.type == "cpu" else device  # multi-CPU runs report "cpu:<rank>"
-
-    def _setup_model(self) -> None:
-        from lance_rl.model.checkpoint import load_lance
-        from lance_rl.model.vae import build_vae, find_wan_vae
-
-        m = self.cfg.model
-        loaded = load_lance(m.checkpoint, vit_dir=m.vit_dir, device=self.device)
-        self.base, self.tokenizer = loaded.model, loaded.tokenizer
-        self.base.attn_backend = m.attn_backend
-        self.base.language_model.model.gradient_checkpointing = m.gradient_checkpointing
-        vae_path = m.vae or (find_wan_vae(Path(m.checkpoint)) if self.base.config.vae == "wan2.2" else None)
-        self.codec = build_vae(self.base.config, vae_path, device=self.device)
-        if self.cfg.lora.enabled:
-            self.base.requires_grad_(False)
-            self.model = apply_lora(self.base, self.cfg.lora)
-        else:
-            t = self.cfg.train
-            freeze_for_full_training(self.base, t.train_understanding, t.train_generation, t.freeze_embeddings)
-            self.model = self.base
-        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.model = self.accelerator.prepare_model(self.model)  # DDP under accelerate launch; as is on one process
-        if not self.trainable:
-            raise RecipeError("nothing to train: every parameter is frozen (check train.* and lora.*)")
-        self.ema = None
-        if self.cfg.train.ema_decay > 0:
-            self.ema = {n: p.detach().clone() for n, p in self.trainable.items()}
-        count = sum(p.numel() for p in self.trainable.values())
-        log.info("training %s parameters (%s)", f"{count:,}", "LoRA" if self.cfg.lora.enabled else "full")
-
-    def _setup_optimizer(self) -> None:
-        o = self.cfg.optim
-        self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=o.lr, betas=o.betas, eps=o.eps,
-                                           weight_decay=o.weight_decay)  # fmt: skip
-        total, warm = self.cfg.train.steps, o.warmup_steps
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            if o.schedule == "constant":
-                return 1.0
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            floor = o.min_lr / o.lr
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     def _setup_data(self) -> None:
         from lance_rl.data.datasets import MixedDataset, open_dataset
@@ -312,7 +169,7 @@ class SFTRecipe:
         state = self.data.state_dict()
         example, which = self.data.next_with_source()
         index = self.samples_seen * self.world + self.rank  # global sample index: distinct per process
-        sample = make_sample(example, index, self.tokenizer, self.codec, self.cfg.data, self.cfg.train,
+        sample = make_sample(example, index, self.policy.tokenizer, self.policy.codec, self.cfg.data, self.cfg.train,
                              self.resolutions[which], self.device)  # fmt: skip
         self.samples_seen += 1
         return sample, state, self.samples_seen - 1
@@ -338,7 +195,7 @@ class SFTRecipe:
             tokens += len(plan)
             if tokens >= budget:
                 break
-        c = self.base.config
+        c = self.policy.model.config
         return pack(plans, media, c.tokens_per_second, c.max_latent_size).to(self.device), tokens
 
     # ---------------------------------------------------------------- the loop
@@ -348,9 +205,7 @@ class SFTRecipe:
         t = self.cfg.train
         bar = tqdm(total=t.steps, initial=self.step, desc="sft", unit="step", dynamic_ncols=True,
                    disable=not sys.stderr.isatty())  # fmt: skip  # logs carry the progress when not on a terminal
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16" and self.device.type == "cuda")
         self.model.train()
-        self._started, self._first_step = time.time(), self.step
         last = {}
         while self.step < t.steps:
             started = time.perf_counter()
@@ -361,7 +216,7 @@ class SFTRecipe:
                 noise_gen = torch.Generator().manual_seed(t.seed * 7_919 + (self.step * t.accumulate + micro) * self.world
                                                           + self.rank)  # fmt: skip
                 noise = torch.randn(batch.vae_latents.shape, generator=noise_gen).to(self.device)
-                with autocast:
+                with self.policy.autocast():
                     out = self.model(batch, noise=noise)
                 loss, parts = flow_loss(out, t.ce_weight, t.mse_weight)
                 finite = self.accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "sum")
@@ -377,11 +232,10 @@ class SFTRecipe:
                 totals["tokens"] += tokens
             grad_norm = 0.0
             if "skipped" not in totals:
-                if self.cfg.optim.max_grad_norm > 0:
-                    grad_norm = float(self.accelerator.clip_grad_norm_(list(self.trainable.values()),
-                                                                       self.cfg.optim.max_grad_norm))  # fmt: skip
+                grad_norm = self._clip()
                 self.optimizer.step()
-                self._update_ema()
+                if self.ema is not None:
+                    self.ema.step(self.trainable)
             self.scheduler.step()
             self.step += 1
             elapsed = time.perf_counter() - started
@@ -391,102 +245,76 @@ class SFTRecipe:
             bar.update(1)
             bar.set_postfix(loss=f"{totals['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
             if self.step % self.cfg.logging.every == 0 or self.step == t.steps:
-                self._log(last)
+                self.metrics.write(last)  # process 0 logs its own pack's numbers
+                self.metrics.progress(last, {"loss": "loss", "mse": "mse", "ce": "ce", "tok/s": "tokens_per_s"})
             if self.step % self.cfg.checkpoint.every == 0 or self.step == t.steps:
                 self.save_checkpoint()
         bar.close()
         return last
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        d = self.cfg.train.ema_decay
-        for name, p in self.trainable.items():
-            self.ema[name].lerp_(p.detach(), 1 - d)
-
-    def _log(self, row: dict) -> None:
-        if not self.main:  # process 0 logs its own pack's numbers
-            return
-        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} | {"time": time.time()}
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
-        done = row["step"] / self.cfg.train.steps
-        elapsed = row["time"] - self._started
-        eta = elapsed / max(row["step"] - self._first_step, 1) * (self.cfg.train.steps - row["step"])
-        log.info("step %d/%d (%.0f%%) loss %.4f mse %.4f ce %.4f %.0f tok/s, ETA %.0f s", row["step"],
-                 self.cfg.train.steps, 100 * done, row["loss"], row["mse"], row["ce"], row["tokens_per_s"], eta)  # fmt: skip
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
-                    self.tb.add_scalar(f"sft/{k}", v, row["step"])
+    def _clip(self) -> float:
+        max_norm = self.cfg.optim.max_grad_norm
+        if self.world > 1:  # the accelerator reduces the norm over processes
+            return float(self.accelerator.clip_grad_norm_(list(self.trainable.values()), max_norm or float("inf")))
+        return clip_gradients(list(self.trainable.values()), max_norm)
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """checkpoints/step_NNNNNNN/ with the model (official layout, or the PEFT adapter) and trainer_state.pt;
         written to a temporary directory and renamed, then `latest` is switched, so a crash never leaves a broken
         latest checkpoint."""
+        from accelerate.utils import gather_object
+
+        from lance_rl.checkpointing import new_checkpoint
         from lance_rl.model.checkpoint import save_lance
 
         # Every process reports its data position (each reads its own shuffle); process 0 writes everything.
         data_state = self._carry[1] if self._carry is not None else self.data.state_dict()
         samples = self._carry[2] if self._carry is not None else self.samples_seen
-        from accelerate.utils import gather_object
-
         positions = gather_object([json.dumps({"data": data_state, "samples": samples})])
-        root = self.out / "checkpoints"
-        final = root / f"step_{self.step:07d}"
-        if not self.main:
-            self.accelerator.wait_for_everyone()
-            return final
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp_step_{self.step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        if self.cfg.lora.enabled:
-            self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp / "adapter"))
-            (tmp / "adapter" / "base_checkpoint.txt").write_text(str(Path(self.cfg.model.checkpoint).resolve()) + "\n")
-        else:
-            save_lance(self.base, self.tokenizer, tmp / "model")
-            if self.ema is not None:
-                with swapped_in(self.trainable, self.ema):
-                    _save_weights_only(self.base, tmp / "model" / "ema.safetensors")
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema,
-            "positions": list(positions),  # one JSON string per process: its data state and samples drawn
-        }
-        torch.save(state, tmp / "trainer_state.pt")
-        commit_checkpoint(tmp, final, self.out, "step_*", self.cfg.checkpoint.keep_last)
+        name = f"step_{self.step:07d}"
+        if self.main:
+            base = str(Path(self.cfg.model.checkpoint).resolve()) + "\n"
+            with new_checkpoint(self.out, name, self.cfg.checkpoint.keep_last) as tmp:
+                if self.policy.is_lora:
+                    self.policy.module.save_pretrained(str(tmp / "adapter"))
+                    (tmp / "adapter" / "base_checkpoint.txt").write_text(base)
+                else:
+                    save_lance(self.policy.model, self.policy.tokenizer, tmp / "model")
+                    if self.ema is not None:
+                        with self.ema.swapped_in(self.trainable):
+                            _save_weights_only(self.policy.model, tmp / "model" / "ema.safetensors")
+                state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                         "positions": list(positions)}  # fmt: skip  # one JSON string per process
+                torch.save(state, tmp / "trainer_state.pt")
         self.accelerator.wait_for_everyone()
-        return final
+        return self.out / "checkpoints" / name
 
-    def _load_latest(self) -> None:
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
-            log.info("no checkpoint in %s: starting from scratch", self.out)
-            return
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-        if self.cfg.lora.enabled:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
+    def _load(self, ckpt: Path) -> None:
+        """Read every file first (a corrupt one raises before anything changes), then apply. Only the trainable
+        weights are read back: the frozen ones are the base checkpoint's."""
+        from lance_rl.config import RecipeError
+        from lance_rl.policy import load_trainable_state
 
-            set_peft_model_state_dict(self.accelerator.unwrap_model(self.model),
-                                      load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))  # fmt: skip
+        state = read_trainer_state(ckpt / "trainer_state.pt")
+        if self.policy.is_lora:
+            weights = read_safetensors(ckpt / "adapter" / "adapter_model.safetensors")
         else:
-            from lance_rl.model.checkpoint import load_lance
-
-            weights = load_lance(ckpt / "model", device=self.device).model.state_dict()
-            self.base.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["ema"] is not None:
-            self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
+            weights = read_safetensors(ckpt / "model" / "model.safetensors", keys=list(self.trainable))
         positions = state["positions"]
         if len(positions) != self.world:
             raise RecipeError(f"{ckpt} was written by {len(positions)} process(es); resume it with as many, not {self.world}")
+        if self.policy.is_lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.policy.module, weights)
+        else:
+            load_trainable_state(self.trainable, weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
         position = json.loads(positions[self.rank])
         self.step, self.samples_seen = state["step"], position["samples"]
         self.data.load_state_dict(position["data"])
@@ -495,8 +323,6 @@ class SFTRecipe:
     def cleanup(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 def _save_weights_only(model, path: Path) -> None:
@@ -508,8 +334,8 @@ def _save_weights_only(model, path: Path) -> None:
 def recipe_main(config_path: str | None, overrides: list[str], resume: bool = False) -> dict:
     cfg = load_recipe(SFTConfig, config_path, overrides)
     recipe = SFTRecipe(cfg, resume=resume)
-    recipe.setup()
     try:
+        recipe.setup()
         return recipe.train()
     finally:
         recipe.cleanup()

@@ -169,7 +169,7 @@ class LayerCache:
 class KVCache:
     """Per-layer key/value cache for prefix encoding and incremental decoding.
 
-    A prefix encoded once can serve a group of G samples: `expand(G)` broadcasts it without copying.
+    A prefix encoded once can serve a group of G samples: `repeat(G)` broadcasts a one-row cache without copying.
     """
 
     layers: list[LayerCache] = field(default_factory=list)
@@ -190,10 +190,23 @@ class KVCache:
         """A view that attends to the cached prefix without appending new tokens (the denoising query)."""
         return KVCache([LayerCache(c.k, c.v, update=False) for c in self.layers])
 
-    def expand(self, batch_size: int) -> "KVCache":
-        if self.batch_size != 1:
-            raise ValueError(f"only a batch-1 cache can be broadcast, this one has batch {self.batch_size}")
-        return KVCache([LayerCache(c.k.expand(batch_size, -1, -1, -1), c.v.expand(batch_size, -1, -1, -1), c.update) for c in self.layers])
+    def repeat(self, group_size: int) -> "KVCache":
+        """Each row repeated `group_size` times (row i -> rows i*G .. i*G+G-1); a one-row cache as a view."""
+        return KVCache([LayerCache(repeat_rows(c.k, group_size), repeat_rows(c.v, group_size), c.update)
+                        for c in self.layers])  # fmt: skip
+
+    def rows(self, index: slice) -> "KVCache":
+        """A view of some rows (a micro-batch of a group)."""
+        return KVCache([LayerCache(c.k[index], c.v[index], c.update) for c in self.layers])
+
+
+def repeat_rows(x: torch.Tensor | None, group_size: int, dim: int = 0) -> torch.Tensor | None:
+    """Repeat each entry along `dim` `group_size` times: a broadcast view when there is one entry, else a copy."""
+    if x is None:
+        return None
+    if x.shape[dim] == 1:
+        return x.expand(*[group_size if d == dim else -1 for d in range(x.dim())])
+    return x.repeat_interleave(group_size, dim=dim)
 
 
 # ------------------------------------------------------------------------------------------------ the decoder
@@ -221,11 +234,20 @@ class Qwen2MoTModel(nn.Module):
         cos, sin = self.rotary_emb(position_ids, h.dtype)
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training and cache is None:
-                h = torch.utils.checkpoint.checkpoint(layer, h, gen_mask, cos, sin, attn_fn, use_reentrant=False)
+            if self._recompute(layer_cache):
+                h = torch.utils.checkpoint.checkpoint(layer, h, gen_mask, cos, sin, attn_fn, layer_cache, use_reentrant=False)
             else:
                 h = layer(h, gen_mask, cos, sin, attn_fn, layer_cache)
         return route(h, gen_mask, self.norm, self.norm_moe_gen)
+
+
+    def _recompute(self, layer_cache: "LayerCache | None") -> bool:
+        """Activation checkpointing per layer: when asked and a graph is being built, on the packed training pass and
+        on a query block against a frozen cache (the RL update's denoising block: the prefix K/V are inputs to it).
+        A block that appends to the cache is never recomputed, since recomputing would append twice."""
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return False
+        return layer_cache is None or not layer_cache.update
 
 
 class Qwen2MoTForCausalLM(nn.Module):

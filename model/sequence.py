@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .tasks import TASKS, is_edit, is_generation, is_understanding
 from .tokenizer import LanceTokenizer, chat_prefix, render_chat, system_prompt, visual_placeholder
 
 TEXT, CAPTION, NOISE, SOURCE, REFERENCE, VIT = -1, 0, 1, 2, 3, 4
 ATTN_MODES = ("causal", "full", "full_noise", "noise")
-TASKS = ("t2i", "t2v", "i2v", "image_edit", "video_edit", "x2t_image", "x2t_video")
 
 
 @dataclass(frozen=True)
@@ -229,14 +229,13 @@ def generation_plan(
     Editing puts the source as a ViT block and a clean VAE block before the instruction; the target block has the
     source's latent grid. i2v has no condition block: its first target latent frame is the clean image latent.
     """
-    if task in ("t2i", "t2v", "i2v"):
-        user: list[str | Block] = [caption]
-    elif task in ("image_edit", "video_edit"):
+    if not is_generation(task):
+        raise ValueError(f"{task!r} is not a generation task")
+    user: list[str | Block] = [caption]
+    if is_edit(task):
         if source_vit_grid is None:
             raise ValueError(f"{task} needs source_vit_grid (the ViT grid of the source media)")
         user = [vit_block(source_vit_grid), source_block(target_grid), caption]
-    else:
-        raise ValueError(f"{task!r} is not a generation task")
     return build_plan(
         tokenizer, task, system_prompt(task, training=training), user, noise_block(target_grid), caption=caption
     )
@@ -252,7 +251,7 @@ def understanding_plan(
 ) -> SequencePlan:
     """x2t_image / x2t_video: system = instruction, user = [ViT block, question], assistant = answer (training) or
     nothing (inference: the stream ends with `<|im_start|>assistant\\n`)."""
-    if task not in ("x2t_image", "x2t_video"):
+    if not is_understanding(task):
         raise ValueError(f"{task!r} is not an understanding task")
     return build_plan(
         tokenizer, task, instruction or system_prompt(task), [vit_block(media_vit_grid), question], answer

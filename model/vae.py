@@ -99,6 +99,25 @@ def _check_spatial(height: int, width: int, factor: int, name: str) -> None:
         raise ValueError(f"{name} needs height and width that are positive multiples of {factor}, got {height}x{width}")
 
 
+# Pixels per latent cell (H and W) and frames per latent frame of each codec kind: all a size check needs, so recipes
+# are checked against the codec before any weights load.
+CODEC_STRIDES = {"patch": (4, 1), "wan2.2": (16, 4)}
+
+
+def latent_grid_of(kind: str, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """The latent grid (t, h, w) codec `kind` gives for an output of `num_frames` x `height` x `width` pixels. Height
+    and width must be multiples of the spatial stride; frames beyond the last 4k+1 are dropped, as the release does
+    (its 50-frame setting gives 13 latent frames)."""
+    if kind not in CODEC_STRIDES:
+        raise ValueError(f"unknown VAE kind {kind!r}; expected one of {', '.join(CODEC_STRIDES)}")
+    spatial, temporal = CODEC_STRIDES[kind]
+    name = "PatchVAE" if kind == "patch" else "Wan2.2 VAE"
+    if num_frames < 1:
+        raise ValueError(f"{name} needs at least one frame, got {num_frames}")
+    _check_spatial(height, width, spatial, name)
+    return (num_frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
 # ---------------------------------------------------------------------------------------------------------- PatchVAE
 class PatchVAE:
     """A lossless space-to-depth codec with Wan2.2's latent width, for tiny CPU models and the quickstart.
@@ -130,10 +149,7 @@ class PatchVAE:
         return self  # no parameters; tensors stay on the device they come in on
 
     def latent_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        if num_frames < 1:
-            raise ValueError(f"PatchVAE needs at least one frame, got {num_frames}")
-        _check_spatial(height, width, self.patch, "PatchVAE")
-        return num_frames, height // self.patch, width // self.patch
+        return latent_grid_of("patch", num_frames, height, width)
 
     def num_frames(self, t_lat: int) -> int:
         if t_lat < 1:
@@ -343,10 +359,7 @@ class WanVAE:
 
     # ------------------------------------------------------------------ shapes
     def latent_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        if num_frames < 1:
-            raise ValueError(f"Wan2.2 VAE needs at least one frame, got {num_frames}")
-        _check_spatial(height, width, self.spatial_factor, "Wan2.2 VAE")
-        return (num_frames - 1) // 4 + 1, height // 16, width // 16
+        return latent_grid_of("wan2.2", num_frames, height, width)
 
     def num_frames(self, t_lat: int) -> int:
         if t_lat < 1:

@@ -14,12 +14,13 @@ from .base import (
     as_reward,
     reward,
 )
-from .mix import Component, RewardMix, build_mix
+from .failure import FailurePolicy, score_with_policy
+from .mix import Component, RewardMix, as_mix, build_mix
 from .registry import REGISTRY, known_rewards, load_reward, register
-from .runner import FailurePolicy, RewardRunner, score_with_policy
+from .runner import RewardRunner
 
 __all__ = [
     "MODALITIES", "FunctionReward", "ModalityError", "Reward", "RewardError", "RewardOutput", "as_reward", "reward",
-    "Component", "RewardMix", "build_mix", "REGISTRY", "known_rewards", "load_reward", "register",
+    "Component", "RewardMix", "as_mix", "build_mix", "REGISTRY", "known_rewards", "load_reward", "register",
     "FailurePolicy", "RewardRunner", "score_with_policy",
 ]  # fmt: skip

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -244,7 +243,3 @@ def as_reward(obj, name: str | None = None) -> Reward:
         modalities = getattr(obj, "modalities", ("image",))
         return FunctionReward(obj, name=name or getattr(obj, "name", None), modalities=modalities)
     raise TypeError(f"a reward must be callable, got {type(obj).__name__}")
-
-
-def is_finite(x: float | None) -> bool:
-    return x is None or math.isfinite(x)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from .base import MODALITIES, Reward, RewardOutput
 from .registry import load_reward
-from .runner import FailurePolicy, score_with_policy
+from .failure import FailurePolicy, score_with_policy
 
 NORMALIZE = ("none", "batch", "running")
 _OPTION_KEYS = {"weight", "normalize", "kwargs", "reward", "ray", "retries", "timeout", "backoff", "on_failure"}
@@ -111,8 +111,9 @@ class RewardMix(Reward):
         """Each component's raw output (stateless, safe to call from several threads)."""
         return {c.name: score_with_policy(c.reward, c.policy, **batch) for c in self.components}
 
-    def combine(self, raw: dict[str, RewardOutput]) -> RewardOutput:
-        """Normalise (updating running statistics) and sum into the total; call in submission order."""
+    def combine(self, raw: dict[str, RewardOutput], normalize: bool = True) -> RewardOutput:
+        """Normalise (updating running statistics) and sum into the total; call in submission order.
+        `normalize=False` sums the raw scores and leaves the statistics alone (held-out evaluation)."""
         n = len(next(iter(raw.values())).scores)
         total_abs = sum(abs(c.weight) for c in self.components)
         details: dict[str, list] = {}
@@ -123,8 +124,8 @@ class RewardMix(Reward):
                 details[c.name] = list(out.scores)
                 for key, values in out.details.items():
                     details[f"{c.name}/{key}"] = values
-                norm = c.normalized(out.scores)
-                if c.normalize != "none":
+                norm = c.normalized(out.scores) if normalize else out.scores
+                if normalize and c.normalize != "none":
                     details[f"{c.name}/normalized"] = norm
                 for i, s in enumerate(norm):
                     if s is not None:
@@ -151,7 +152,8 @@ class RewardMix(Reward):
                 c.stats = RunningStats(**state[c.name])
 
 
-def _component(name: str, value) -> Component:
+def _options(name: str, value) -> dict:
+    """One recipe entry as its options dict, checked for unknown keys."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = {"weight": float(value)}
     if not isinstance(value, dict):
@@ -159,6 +161,15 @@ def _component(name: str, value) -> Component:
     unknown = set(value) - _OPTION_KEYS
     if unknown:
         raise ValueError(f"reward {name!r}: unknown option(s) {sorted(unknown)}; allowed: {sorted(_OPTION_KEYS)}")
+    return value
+
+
+def _failure_policy(value: dict) -> FailurePolicy:
+    return FailurePolicy(**{k: value[k] for k in ("retries", "timeout", "backoff", "on_failure") if k in value})
+
+
+def _component(name: str, value) -> Component:
+    value = _options(name, value)
     spec, kwargs = value.get("reward", name), dict(value.get("kwargs") or {})
     if value.get("ray") is not None:
         from .ray_pool import RayRewardPool
@@ -166,8 +177,45 @@ def _component(name: str, value) -> Component:
         reward = RayRewardPool(spec, reward_kwargs=kwargs, **value["ray"])
     else:
         reward = load_reward(spec, **kwargs)
-    policy = FailurePolicy(**{k: value[k] for k in ("retries", "timeout", "backoff", "on_failure") if k in value})
-    return Component(name, reward, float(value.get("weight", 1.0)), value.get("normalize", "none"), policy)
+    return Component(name, reward, float(value.get("weight", 1.0)), value.get("normalize", "none"), _failure_policy(value))
+
+
+def check_spec(spec: dict, field: str = "rewards") -> None:
+    """Everything about a recipe's reward mapping that can be known without loading a model: the options, the weight,
+    the failure policy, that each reward resolves (names and import paths, importing its module) and that its
+    constructor (or function) accepts the given kwargs. Raises ValueError naming `field.<reward>`."""
+    from .ray_pool import RayRewardPool
+    from .registry import resolve
+
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"{field} must be a non-empty mapping {{name: weight}}, got {spec!r}")
+    for name, value in spec.items():
+        where = f"{field}.{name}"
+        try:
+            value = _options(str(name), value)
+            Component(str(name), None, float(value.get("weight", 1.0)), value.get("normalize", "none"), _failure_policy(value))
+            target = value.get("reward", name)
+            target = resolve(target) if isinstance(target, str) else target
+            _check_kwargs(target, dict(value.get("kwargs") or {}), "kwargs")
+            if value.get("ray") is not None:
+                _check_kwargs(RayRewardPool, dict(value["ray"]), "ray")
+        except (TypeError, ValueError, ImportError, KeyError) as e:
+            message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            raise ValueError(f"{where}: {message}") from None
+
+
+def _check_kwargs(target, kwargs: dict, option: str) -> None:
+    import inspect
+
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise TypeError(f"{option} {unknown} not accepted; it takes {', '.join(p for p in params if p != 'self')}")
 
 
 def build_mix(spec: dict) -> RewardMix:

@@ -1,7 +1,7 @@
 """Self-judge: Lance's own understanding expert asked whether the image (or video) matches the prompt.
 
 Score: P("yes") normalised over the yes/no answers, ``sum P(yes variants) / sum P(all variants)`` with each answer's
-probability as a whole teacher-forced continuation (``lance_rl.model.sampling.score_answers``). Range [0, 1]; never None.
+probability as a whole teacher-forced continuation (``lance_rl.model.decoding.score_answers``). Range [0, 1]; never None.
 Details: ``p_yes_raw``, the unnormalised probability of the yes answers.
 
 Takes a loaded model (``lance_rl.model.checkpoint.load_lance(...)``'s result, or ``model=`` and ``tokenizer=``), or a
@@ -42,7 +42,7 @@ class SelfJudge(Reward):
 
     def _judge(self, frames, prompt: str, task: str) -> tuple[float, float]:
         from lance_rl.model.media import vit_tensor
-        from lance_rl.model.sampling import score_answers
+        from lance_rl.model.decoding import score_answers
         from lance_rl.model.vision import patchify_video
 
         resolution = self.resolution

@@ -123,7 +123,7 @@ def test_a_group_shares_one_broadcast_prefix(tiny):
     gen = torch.zeros(3, length, dtype=torch.bool)
     gen[:, 1:-1] = True
     block_pos = pos[:, None, prefix : prefix + length].expand(3, 3, length)
-    grouped = model.forward_cached(h, block_pos, gen, cache.frozen().expand(3), causal=False)
+    grouped = model.forward_cached(h, block_pos, gen, cache.frozen().repeat(3), causal=False)
     for g in range(3):
         single = model.forward_cached(h[g : g + 1], block_pos[:, :1], gen[:1], cache.frozen(), causal=False)
         torch.testing.assert_close(grouped[g], single[0], atol=1e-5, rtol=1e-5)

@@ -1,6 +1,7 @@
 """One import namespace and a wheel that works outside the checkout."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -42,8 +43,12 @@ def test_user_model_and_rewards_do_not_shadow_ours(tmp_path):
 def test_wheel_ships_every_package_and_the_recipes(tmp_path):
     """`pip install .` (not editable) gives lance_rl.model, lance_rl.rewards and the recipes; the quickstart's recipes
     load from the installed copy in another directory."""
+    # Build from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "*.egg-info",
+                                                                 "__pycache__", ".pytest_cache"))  # fmt: skip
     r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
-              str(ROOT)], cwd=tmp_path)  # fmt: skip
+              str(source)], cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     wheel = next((tmp_path / "dist").glob("lance_rl-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -8,8 +8,8 @@ import yaml
 
 from lance_rl.config import load_recipe
 from lance_rl.pipeline import PipelineConfig
-from lance_rl.rl import RLConfig
-from lance_rl.sft import SFTConfig
+from lance_rl.rl_config import RLConfig
+from lance_rl.sft_config import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # recipes/accelerate/ holds accelerate launcher configs, not lance-rl recipes.

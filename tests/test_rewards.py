@@ -18,13 +18,14 @@ from lance_rl.rewards import (
     RewardMix,
     RewardOutput,
     RewardRunner,
+    as_mix,
     build_mix,
     load_reward,
     reward,
     score_with_policy,
 )
 from lance_rl.rewards.registry import REGISTRY, UnknownRewardError
-from lance_rl.rewards.runner import call_with_timeout
+from lance_rl.rewards.failure import call_with_timeout
 
 
 def images(n, seed=0, size=32):
@@ -248,7 +249,7 @@ def test_runner_returns_results_in_submission_order_and_overlaps():
 
 
 def test_runner_wraps_a_single_reward_and_propagates_errors():
-    with RewardRunner("jpeg_incompressibility", max_workers=2, policy=FailurePolicy(retries=0)) as runner:
+    with RewardRunner(as_mix("jpeg_incompressibility", FailurePolicy(retries=0)), max_workers=2) as runner:
         out = runner.score(prompts=["a"], images=images(1))
         assert out.details["jpeg_incompressibility"] == out.scores
         bad = runner.submit(prompts=["a"], videos=[np.zeros((2, 8, 8, 3), np.uint8)])
@@ -267,7 +268,7 @@ def test_runner_is_thread_safe_under_load():
             seen.extend(prompts)
         return [float(p) for p in prompts]
 
-    with RewardRunner(count, max_workers=4) as runner:
+    with RewardRunner(as_mix(count), max_workers=4) as runner:
         outs = runner.map([{"prompts": [str(i)], "images": flat(1)} for i in range(20)])
     assert [o.scores[0] for o in outs] == [float(i) for i in range(20)] and sorted(map(int, seen)) == list(range(20))
 

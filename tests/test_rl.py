@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lance_rl.config import RecipeError, load_recipe
-from lance_rl.rl import RLConfig, RLRecipe
+from lance_rl.rl import RLRecipe
+from lance_rl.rl_config import RLConfig
 
 RECIPE = "recipes/quickstart/rl.yaml"
 
@@ -124,7 +125,7 @@ def test_full_policy_video_and_edit_rollouts_run(tmp_path, sft_tiny, shapes16):
     (tmp_path / "edit.jsonl").write_text(json.dumps({"prompt": "make it blue", "source": "src.png"}) + "\n")
     run(small(tmp_path / "edit", model, "rewards={jpeg_incompressibility: 1.0}",
               "prompts.task=image_edit", f"prompts.train={tmp_path / 'edit.jsonl'}", f"prompts.eval={tmp_path / 'edit.jsonl'}",
-              "train.updates=1"))  # fmt: skip
+              "algorithm.prompts_per_update=1", "train.updates=1"))  # fmt: skip
     assert metrics(tmp_path / "edit")[-1]["update"] == 1
 
 

@@ -8,20 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from lance_rl.model.checkpoint import load_lance
-from lance_rl.model.sampling import (
-    CFGConfig,
-    GenerationRequest,
-    SamplerConfig,
-    encode_prefix,
-    generate,
-    generate_text,
-    initial_noise,
-    sample,
-    sampling_timesteps,
-    score_answers,
-    step,
-    velocity,
-)
+from lance_rl.model.decoding import generate_text, score_answers
+from lance_rl.model.guidance import CFGConfig
+from lance_rl.model.prefix import GenerationRequest, encode_prefix
+from lance_rl.model.sampling import SamplerConfig, generate, initial_noise, sample, velocity
+from lance_rl.model.schedule import sampling_timesteps, step
 
 PROMPT = "a red cube on a wooden table"
 

@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from lance_rl.config import RecipeError, load_recipe
-from lance_rl.sft import SFTConfig, SFTRecipe, recipe_main
+from lance_rl.sft import SFTRecipe, recipe_main
+from lance_rl.sft_config import SFTConfig
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,9 @@ def colour_accuracy(model_dir, prompts, seeds=2) -> float:
     still works on the blurry samples of a barely trained model)."""
     from lance_rl.model import media
     from lance_rl.model.checkpoint import load_lance
-    from lance_rl.model.sampling import CFGConfig, GenerationRequest, SamplerConfig, generate
+    from lance_rl.model.guidance import CFGConfig
+    from lance_rl.model.prefix import GenerationRequest
+    from lance_rl.model.sampling import SamplerConfig, generate
     from lance_rl.model.vae import PatchVAE
     from lance_rl.rewards.shapes import COLORS
 

@@ -42,13 +42,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lance_rl.model.media import MediaError, read_image, read_video
+from lance_rl.model.tasks import TASKS, is_generation
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-TASKS = ("t2i", "t2v", "image_edit", "video_edit", "x2t_image", "x2t_video")
-GENERATION_TASKS = ("t2i", "t2v", "image_edit", "video_edit")
+# The tasks with a training-data schema in the release: every task but i2v (which the release samples, never trains).
+DATA_TASKS = tuple(t for t in TASKS if t != "i2v")
 
 # Video sampling (the release's `multi_clips` frame sampler, spec 5.4): 12 fps, at most 6 s, 4k+1 frames so the
 # Wan2.2 VAE (4x temporal compression plus a leading frame) takes them whole. Understanding videos use the release's
@@ -100,7 +101,7 @@ SKIP_REASONS = {
     "unreadable_row_group": "a parquet row group pyarrow cannot read (every row in it is counted)",
     "missing_file": "a manifest media path that does not exist",
     "invalid_json": "a manifest line that is not a JSON object",
-    "unknown_task": "a manifest line whose task is not one of TASKS",
+    "unknown_task": "a manifest line whose task is not one of DATA_TASKS",
     "unknown_key": "a manifest line with a key its task does not allow",
 }
 
@@ -110,7 +111,7 @@ _LOG_EVERY = 100
 
 @dataclass(eq=False)  # eq=False: ndarray fields have no truth value
 class Example:
-    task: str  # one of TASKS
+    task: str  # one of DATA_TASKS
     text: str  # caption (t2i/t2v), edit instruction (edits), or question (x2t; may be "")
     target: np.ndarray | None = None  # uint8 [T, H, W, 3]: the media to generate (generation tasks)
     source: np.ndarray | None = None  # uint8 [T, H, W, 3]: the edit source, or the media to understand (x2t)
@@ -197,7 +198,7 @@ def _row_to_raw(dataset_type: str, get: Callable[[str], Any]) -> _Raw:
 
 def _check_text(raw: _Raw) -> None:
     """Generation rows need a caption to condition on; x2t rows need an answer to learn."""
-    if raw.task in GENERATION_TASKS and not raw.text.strip():
+    if is_generation(raw.task) and not raw.text.strip():
         raise _BadRow("empty_caption", "empty caption" if raw.task in ("t2i", "t2v") else "empty instruction")
     if raw.task.startswith("x2t") and not (raw.answer or "").strip():
         raise _BadRow("empty_answer", "empty answer")
@@ -603,7 +604,7 @@ def _parse_manifest_line(text: str, base_dir: Path) -> _Raw:
         raise _BadRow("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
     task = obj.get("task")
     if task not in MANIFEST_KEYS:
-        raise _BadRow("unknown_task", f"task {task!r} is not one of {', '.join(TASKS)}")
+        raise _BadRow("unknown_task", f"task {task!r} is not one of {', '.join(DATA_TASKS)}")
     required, optional = MANIFEST_KEYS[task]
     allowed = ("task", *required, *optional)
     for key in obj:
@@ -882,7 +883,7 @@ def _raw_to_manifest(raw: _Raw, store: Callable[[str, bytes], str]) -> dict:
 
 
 __all__ = [
-    "Example", "TASKS", "GENERATION_TASKS", "SCHEMAS", "TASK_TO_TYPE", "MANIFEST_KEYS", "SKIP_REASONS",
+    "Example", "DATA_TASKS", "SCHEMAS", "TASK_TO_TYPE", "MANIFEST_KEYS", "SKIP_REASONS",
     "VIDEO_FPS", "GEN_MAX_SECONDS", "X2T_MAX_SECONDS", "FRAME_RULE",
     "detect_dataset_type", "describe_schemas", "ParquetDataset", "ManifestDataset", "MixedDataset", "open_dataset",
     "manifest_to_parquet", "parquet_to_manifest",
