@@ -305,9 +305,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:  # includes RecipeError, CheckpointError, MediaError
-        print(f"lance-rl {args.command}: error: {e}", file=sys.stderr)
+    except _known_failures() as e:
+        # One line that names the field or file, no traceback: the failure is the input's, not the program's.
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"lance-rl {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _known_failures() -> tuple[type[BaseException], ...]:
+    """Failures a user can fix from the message alone: a wrong recipe field, a missing or corrupt file, a reward
+    that cannot be imported or failed after its retries, a stale rollout."""
+    from lance_rl.rewards.base import RewardError
+    from lance_rl.rewards.registry import UnknownRewardError
+    from lance_rl.rollout import StaleRollout
+    from lance_rl.trainer import CorruptCheckpoint
+
+    # ValueError covers RecipeError, CheckpointError, MediaError and ModalityError.
+    return (FileNotFoundError, ValueError, ImportError, UnknownRewardError, RewardError, CorruptCheckpoint, StaleRollout)
 
 
 if __name__ == "__main__":

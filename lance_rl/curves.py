@@ -34,16 +34,13 @@ SFT_CHARTS = [
 
 
 def read_metrics(run: str | Path) -> list[dict]:
+    """A run's rows; a corrupt row is skipped with a warning naming the file and line (trainer.read_rows)."""
+    from lance_rl.trainer import read_rows
+
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run} has no metrics.jsonl (is it a run directory?)")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a run in progress may be mid-line
-            continue
-    return rows
+    return read_rows(path)
 
 
 def _series(rows: list[dict], x: str, key: str) -> tuple[np.ndarray, np.ndarray]:

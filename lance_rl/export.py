@@ -24,6 +24,8 @@ def checkpoint_of(run: str | Path) -> Path:
 
 
 def export(run: str | Path, out: str | Path, ema: bool = False) -> Path:
+    """Write the run's latest checkpoint as an official-layout directory and verify what was written: every
+    safetensors file of the result is read back tensor by tensor, so a truncated source fails here, naming it."""
     from lance_rl.model.checkpoint import load_lance, save_lance
 
     ckpt = checkpoint_of(run)
@@ -31,19 +33,37 @@ def export(run: str | Path, out: str | Path, ema: bool = False) -> Path:
     if (ckpt / "adapter").is_dir():
         from peft import PeftModel
 
+        verify_safetensors(ckpt / "adapter" / "adapter_model.safetensors")
         base_dir = (ckpt / "adapter" / "base_checkpoint.txt").read_text().strip()
         loaded = load_lance(base_dir)
         merged = PeftModel.from_pretrained(loaded.model, str(ckpt / "adapter")).merge_and_unload()
         save_lance(merged, loaded.tokenizer, out)
-        return out
-    model_dir = ckpt / "model"
-    if ema:
+    elif ema:
+        model_dir = ckpt / "model"
         if not (model_dir / "ema.safetensors").is_file():
             raise FileNotFoundError(f"{model_dir} has no ema.safetensors (train with train.ema_decay > 0)")
         loaded = load_lance(model_dir, weights="ema")
-        return save_lance(loaded.model, loaded.tokenizer, out)
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(model_dir, out)
-    (out / "ema.safetensors").unlink(missing_ok=True)
+        save_lance(loaded.model, loaded.tokenizer, out)
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(ckpt / "model", out)
+        (out / "ema.safetensors").unlink(missing_ok=True)
+    for path in sorted(out.rglob("*.safetensors")):
+        verify_safetensors(path)
     return out
+
+
+def verify_safetensors(path: Path) -> None:
+    """Read every tensor of a safetensors file, one at a time (constant memory at any size); a truncated or damaged
+    file raises CorruptCheckpoint naming it."""
+    from safetensors import safe_open
+
+    from lance_rl.trainer import CorruptCheckpoint
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception as e:  # noqa: BLE001 - SafetensorError for a bad header, or a short read
+        raise CorruptCheckpoint(f"{path} cannot be read ({type(e).__name__}: {e})") from e

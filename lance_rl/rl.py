@@ -47,15 +47,20 @@ log = logging.getLogger("lance_rl.rl")
 
 class RLRecipe:
     def __init__(self, cfg: RLConfig, resume: bool = False):
+        from lance_rl.model.guidance import CFGConfig
+
         self.inputs = check_before_loading(cfg)  # every check that needs no weights, before any loads
         self.cfg, self.resume = cfg, resume
+        # One guidance setting for the rollouts, the update and the evaluation.
+        self.cfg_guidance = CFGConfig(scale=cfg.sampler.cfg_scale, interval=tuple(cfg.sampler.cfg_interval))
         self.out = Path(cfg.output_dir)
         self.update = 0
         self.metrics = None
+        self._prefixes: dict = {}  # during an update: prefix encodings that depend only on frozen weights, per prompt
+        self._requests: dict = {}  # during an update: model-side requests (source media encoded), per prompt
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        from lance_rl.model.guidance import CFGConfig
         from lance_rl.policy import EMA, PolicySpec, build_policy, frozen_copy
         from lance_rl.rewards.mix import build_mix
         from lance_rl.rewards.runner import RewardRunner
@@ -79,7 +84,6 @@ class RLRecipe:
         self.ema = EMA(self.trainable, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         steps = t.updates * a.inner_epochs * a.minibatches
         self.optimizer, self.scheduler = build_optimizer(list(self.trainable.values()), c.optim, steps)
-        self.cfg_guidance = CFGConfig(scale=c.sampler.cfg_scale, interval=tuple(c.sampler.cfg_interval))
         self.reward_mix = build_mix(c.rewards)
         self.scorer = RewardRunner(self.reward_mix, max_workers=4)
         self.gold = build_mix(c.eval.gold_rewards) if c.eval.gold_rewards else None
@@ -216,8 +220,6 @@ class RLRecipe:
                        "ratio_by_step": {}, "grad_norm": []}  # fmt: skip
         with_signal = [g for g in range(len(results)) if bool(trained[groups == g].any())]
         self.policy.module.train()
-        self._prefixes: dict = {}  # prefix encodings that depend only on frozen weights, one per prompt
-        self._requests: dict = {}  # model-side requests (source media encoded), one per prompt
         for _ in range(a.inner_epochs):
             for chunk in np.array_split(np.array(with_signal, dtype=int), a.minibatches):
                 self.optimizer.zero_grad(set_to_none=True)

@@ -1,18 +1,22 @@
-"""Remote rewards over HTTP + JSON: a standard-library server and a client reward (no pickle anywhere).
+"""Remote rewards over HTTP + JSON: the protocol, its media codec and the client reward (no pickle anywhere).
 
-Run a reward in its own process or machine (its dependencies never meet the trainer's)::
+Run a reward in its own process or machine (its dependencies never meet the trainer's); the server, its limits and
+its flags live in ``lance_rl.rewards.server``::
 
     lance-rl serve-reward --reward ocr --port 18090 --token $TOKEN
     # recipe:  rewards: {remote: {kwargs: {url: "http://127.0.0.1:18090", token: ...}, weight: 1.0}}
 
 Protocol ``lance-rl-reward/1`` (any server speaking it works with ``RemoteReward``):
 
-- ``POST /score`` with header ``Authorization: Bearer <token>`` (when the server has a token) and a JSON body
-  ``{"prompts": [str], "images": [png] | null, "videos": [video] | null, "conditions": [null | png | video] | null,
-  "metadata": [object] | null}`` where ``png`` is a base64 PNG string and ``video`` is
-  ``{"mp4": base64, "frames": T, "height": H, "width": W}`` (H.264, lossy) or ``{"png_frames": [png, ...]}``
-  (lossless). Answer 200 ``{"scores": [number | null | "nan" | "inf" | "-inf"], "details": {key: [value]}}``, or an
-  error status with ``{"error": message}``: 400 a bad batch, 401 a bad token, 413 too large, 500 the reward raised.
+- ``POST /score`` with header ``Authorization: Bearer <token>`` (when the server has a token), a ``Content-Length``
+  and a UTF-8 JSON body ``{"prompts": [str], "images": [png] | null, "videos": [video] | null,
+  "conditions": [null | png | video] | null, "metadata": [object] | null}`` where every list has one entry per prompt,
+  ``png`` is a base64 PNG string and ``video`` is ``{"mp4": base64, "frames": T, "height": H, "width": W}`` (H.264,
+  lossy; T frames, cropped to H x W after decoding) or ``{"png_frames": [png, ...]}`` (lossless). Answer 200
+  ``{"scores": [number | null | "nan" | "inf" | "-inf"], "details": {key: [value]}}``, or an error status with
+  ``{"error": message}``: 400 a malformed request or batch, 401 a bad token, 404/405 a wrong path or method, 408 a body
+  that stalled, 411 no Content-Length, 413 over one of the server's limits, 431 headers too large, 500 the reward
+  raised, 503 busy (with ``Retry-After``).
 - ``GET /info`` -> ``{"protocol", "name", "modalities"}``; ``GET /health`` -> ``{"ok": true}`` (no token needed).
 
 The client retries connection errors, timeouts, 429 and 5xx with exponential backoff and raises
@@ -21,49 +25,58 @@ The client retries connection errors, timeouts, 429 and 5xx with exponential bac
 
 from __future__ import annotations
 
-import argparse
 import base64
-import hmac
+import binascii
 import http.client
 import io
 import json
 import math
 import os
 import socket
+import struct
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 
 import numpy as np
 
-from .base import ModalityError, Reward, RewardError, RewardOutput
+from .base import Reward, RewardError, RewardOutput
 
 PROTOCOL = "lance-rl-reward/1"
 TOKEN_ENV = "LANCE_RL_REWARD_TOKEN"
-MAX_BODY = 1 << 30  # 1 GiB: a batch of long videos, not more
+BATCH_FIELDS = ("prompts", "images", "videos", "conditions", "metadata")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class RemoteRewardError(RewardError):
     """The remote reward could not be scored (after retries where the error is retriable)."""
 
 
-# ------------------------------------------------------------------------------------------------ media <-> JSON
+class LimitExceeded(ValueError):
+    """A batch asks for more than the decoding limits allow (the server answers 413)."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one batch may decode to; None is unlimited. Checked from declared sizes (the PNG header, the MP4 stream)
+    before any pixel is decoded, so a small file that inflates to gigabytes is refused while it is still small."""
+
+    max_batch: int | None = None  # samples (prompts) per batch
+    max_image_pixels: int | None = None  # per image, video frame or condition frame
+    max_frames: int | None = None  # per video
+    max_request_pixels: int | None = None  # every image, frame and condition of the batch together
+
+
+# ------------------------------------------------------------------------------------------------ media -> JSON
 def encode_png(image: np.ndarray) -> str:
     from lance_rl.model.media import write_png
 
     buf = io.BytesIO()
     write_png(image, buf)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def decode_png(data: str) -> np.ndarray:
-    from lance_rl.model.media import read_image
-
-    return read_image(base64.b64decode(data), min_side=1)
 
 
 def encode_video(frames: np.ndarray, video_format: str = "mp4") -> dict:
@@ -82,29 +95,11 @@ def encode_video(frames: np.ndarray, video_format: str = "mp4") -> dict:
     return {"mp4": base64.b64encode(data).decode("ascii"), "frames": t, "height": h, "width": w}
 
 
-def decode_video(obj: dict) -> np.ndarray:
-    if "png_frames" in obj:
-        return np.stack([decode_png(f) for f in obj["png_frames"]])
-    from lance_rl.model.media import read_video
-
-    # Read at the rate it was written (12 fps, all frames kept), then undo write_mp4's even-size padding.
-    frames, _ = read_video(base64.b64decode(obj["mp4"]), fps=12, max_seconds=None, frame_rule=None, min_side=1)
-    if len(frames) != obj["frames"]:
-        raise ValueError(f"mp4 decoded to {len(frames)} frames, expected {obj['frames']}")
-    return np.ascontiguousarray(frames[:, : obj["height"], : obj["width"]])
-
-
 def _encode_condition(c, video_format):
     if c is None:
         return None
     c = np.asarray(c)
     return encode_png(c) if c.ndim == 3 else encode_video(c, video_format)
-
-
-def _decode_condition(c):
-    if c is None:
-        return None
-    return decode_png(c) if isinstance(c, str) else decode_video(c)
 
 
 def encode_batch(prompts, images=None, videos=None, conditions=None, metadata=None, video_format="mp4") -> dict:
@@ -117,20 +112,156 @@ def encode_batch(prompts, images=None, videos=None, conditions=None, metadata=No
     }
 
 
-def decode_batch(body: dict) -> dict:
-    if not isinstance(body, dict) or not isinstance(body.get("prompts"), list):
-        raise ValueError("the body must be a JSON object with a 'prompts' list")
-    unknown = set(body) - {"prompts", "images", "videos", "conditions", "metadata"}
-    if unknown:
-        raise ValueError(f"unknown field(s) {sorted(unknown)}")
-    images, videos, conditions = body.get("images"), body.get("videos"), body.get("conditions")
-    return {
-        "prompts": body["prompts"],
-        "images": None if images is None else [decode_png(im) for im in images],
-        "videos": None if videos is None else [decode_video(v) for v in videos],
-        "conditions": None if conditions is None else [_decode_condition(c) for c in conditions],
-        "metadata": body.get("metadata"),
-    }
+# ------------------------------------------------------------------------------------------------ JSON -> media
+class _BatchDecoder:
+    """Decodes one batch under ``DecodeLimits``, keeping the running pixel total of the batch."""
+
+    def __init__(self, limits: DecodeLimits | None = None):
+        self.limits = limits or DecodeLimits()
+        self.pixels = 0
+
+    def _admit(self, what: str, width: int, height: int, frames: int = 1) -> None:
+        """Count ``frames`` frames of ``width x height`` against the limits, before they are decoded."""
+        lim, n = self.limits, width * height
+        if lim.max_image_pixels is not None and n > lim.max_image_pixels:
+            raise LimitExceeded(f"{what} is {width}x{height} = {n} pixels; the limit is {lim.max_image_pixels}")
+        if lim.max_frames is not None and frames > lim.max_frames:
+            raise LimitExceeded(f"{what} has {frames} frames; the limit is {lim.max_frames}")
+        self.pixels += n * frames
+        if lim.max_request_pixels is not None and self.pixels > lim.max_request_pixels:
+            raise LimitExceeded(
+                f"the batch decodes to {self.pixels} pixels or more by {what}; the limit is {lim.max_request_pixels}"
+            )
+
+    def png(self, data, what: str) -> np.ndarray:
+        from lance_rl.model.media import read_image
+
+        raw = _b64decode(data, what)
+        # The size sits in the IHDR chunk right after the signature: read it there, not through PIL (which would warn
+        # or raise its own decompression-bomb error on its own global limit).
+        if raw[:8] != PNG_SIGNATURE or raw[12:16] != b"IHDR":
+            raise ValueError(f"{what} is not a PNG")
+        width, height = struct.unpack(">II", raw[16:24])
+        self._admit(what, width, height)
+        return read_image(raw, min_side=1)
+
+    def video(self, obj, what: str) -> np.ndarray:
+        if isinstance(obj, dict) and "png_frames" in obj:
+            frames = obj["png_frames"]
+            if not isinstance(frames, list) or not frames:
+                raise ValueError(f"{what}: 'png_frames' must be a non-empty list of base64 PNGs")
+            if self.limits.max_frames is not None and len(frames) > self.limits.max_frames:
+                raise LimitExceeded(f"{what} has {len(frames)} frames; the limit is {self.limits.max_frames}")
+            return np.stack([self.png(f, f"{what} frame {t}") for t, f in enumerate(frames)])
+        if isinstance(obj, dict) and "mp4" in obj:
+            return self.mp4(obj, what)
+        raise ValueError(f"{what} must be an object with 'mp4' (and frames, height, width) or 'png_frames'")
+
+    def mp4(self, obj: dict, what: str) -> np.ndarray:
+        import av
+
+        frames, height, width = (_positive_int(obj.get(k), f"{what}: '{k}'") for k in ("frames", "height", "width"))
+        raw = _b64decode(obj["mp4"], what)
+        try:
+            with av.open(io.BytesIO(raw), format="mp4") as container:  # the mp4 demuxer only: no exotic formats
+                coded_w, coded_h = _h264_stream_size(container, what)
+                packets = _count_packets(container, stop_after=max(frames, self.limits.max_frames or frames))
+            self._admit(what, coded_w, coded_h, frames=max(frames, packets))
+            if height > coded_h or width > coded_w:
+                raise ValueError(f"{what}: declared {width}x{height} is larger than its {coded_w}x{coded_h} stream")
+            with av.open(io.BytesIO(raw), format="mp4") as container:
+                decoded = _decode_frames(container, coded_w, coded_h, packets, what)
+        except av.error.FFmpegError as e:
+            raise ValueError(f"{what}: unreadable mp4 ({e})") from None
+        if len(decoded) != frames:
+            raise ValueError(f"{what}: mp4 decoded to {len(decoded)} frames, expected {frames}")
+        # write_mp4 pads odd sides to even for H.264: crop back to the declared size.
+        return np.ascontiguousarray(np.stack(decoded)[:, :height, :width])
+
+    def condition(self, c, what: str):
+        if c is None:
+            return None
+        return self.png(c, what) if isinstance(c, str) else self.video(c, what)
+
+    def batch(self, body) -> dict:
+        if not isinstance(body, dict) or not isinstance(body.get("prompts"), list):
+            raise ValueError("the body must be a JSON object with a 'prompts' list")
+        unknown = set(body) - set(BATCH_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}")
+        n = len(body["prompts"])
+        if self.limits.max_batch is not None and n > self.limits.max_batch:
+            raise LimitExceeded(f"the batch has {n} samples; the limit is {self.limits.max_batch}")
+        for key in BATCH_FIELDS[1:]:  # checked up front, so a long list is never decoded only to be refused
+            value = body.get(key)
+            if value is not None and (not isinstance(value, list) or len(value) != n):
+                raise ValueError(f"'{key}' must be null or a list with one entry per prompt ({n})")
+        images, videos, conditions = body.get("images"), body.get("videos"), body.get("conditions")
+        return {
+            "prompts": body["prompts"],
+            "images": None if images is None else [self.png(im, f"image {i}") for i, im in enumerate(images)],
+            "videos": None if videos is None else [self.video(v, f"video {i}") for i, v in enumerate(videos)],
+            "conditions": None if conditions is None
+            else [self.condition(c, f"condition {i}") for i, c in enumerate(conditions)],
+            "metadata": body.get("metadata"),
+        }  # fmt: skip
+
+
+def _b64decode(data, what: str) -> bytes:
+    if not isinstance(data, str):
+        raise ValueError(f"{what} must be a base64 string, got {type(data).__name__}")
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error as e:
+        raise ValueError(f"{what} is not valid base64 ({e})") from None
+
+
+def _positive_int(x, what: str) -> int:
+    if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+        raise ValueError(f"{what} must be a positive integer, got {x!r}")
+    return x
+
+
+def _h264_stream_size(container, what: str) -> tuple[int, int]:
+    if not container.streams.video:
+        raise ValueError(f"{what}: the mp4 has no video stream")
+    codec = container.streams.video[0].codec_context
+    if codec.name != "h264":
+        raise ValueError(f"{what}: the mp4 must hold H.264, not {codec.name}")
+    return codec.width, codec.height
+
+
+def _count_packets(container, stop_after: int) -> int:
+    """Frames in the stream, counted from its packets without decoding; stops one past ``stop_after``."""
+    n = 0
+    for packet in container.demux(container.streams.video[0]):
+        n += packet.size > 0  # the demuxer ends with an empty flush packet
+        if n > stop_after:
+            break
+    return n
+
+
+def _decode_frames(container, width: int, height: int, packets: int, what: str) -> list[np.ndarray]:
+    out = []
+    for frame in container.decode(container.streams.video[0]):
+        # An H.264 stream may change its size mid-stream; every frame is held to the admitted size.
+        if (frame.width, frame.height) != (width, height) or len(out) >= packets:
+            raise ValueError(f"{what}: the mp4 stream changes size or holds more frames than it declares")
+        out.append(frame.to_ndarray(format="rgb24"))
+    return out
+
+
+def decode_png(data: str, limits: DecodeLimits | None = None) -> np.ndarray:
+    return _BatchDecoder(limits).png(data, "image")
+
+
+def decode_video(obj: dict, limits: DecodeLimits | None = None) -> np.ndarray:
+    return _BatchDecoder(limits).video(obj, "video")
+
+
+def decode_batch(body: dict, limits: DecodeLimits | None = None) -> dict:
+    """A JSON batch -> reward keyword arguments; ``ValueError`` if malformed, ``LimitExceeded`` if over ``limits``."""
+    return _BatchDecoder(limits).batch(body)
 
 
 def _score_to_json(s):
@@ -139,125 +270,18 @@ def _score_to_json(s):
 
 def _json_default(x):
     if isinstance(x, np.generic):
-        return x.item()
+        x = x.item()
+        return _score_to_json(x) if isinstance(x, float) else x
     if isinstance(x, np.ndarray):
         return x.tolist()
     return str(x)
 
 
-# ------------------------------------------------------------------------------------------------ server
-class RewardServer(ThreadingHTTPServer):
-    daemon_threads = True  # a hung request never blocks shutdown
-
-    def __init__(self, reward: Reward, host: str, port: int, token: str | None, max_concurrency: int = 1):
-        self.reward, self.token = reward, token
-        self.slots = threading.Semaphore(max_concurrency)  # one GPU model: score one batch at a time by default
-        super().__init__((host, port), _Handler)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: RewardServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt, *args):  # keep the trainer's console clean; errors are answered, not printed
-        pass
-
-    def _send(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj, default=_json_default, allow_nan=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _authorised(self) -> bool:
-        if not self.server.token:
-            return True
-        given = self.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {self.server.token}".encode()):
-            return True
-        self._send(401, {"error": "missing or wrong token (send 'Authorization: Bearer <token>')"})
-        return False
-
-    def do_GET(self):
-        if self.path == "/health":
-            return self._send(200, {"ok": True})
-        if not self._authorised():
-            return
-        if self.path == "/info":
-            r = self.server.reward
-            return self._send(200, {"protocol": PROTOCOL, "name": r.name, "modalities": list(r.modalities)})
-        self._send(404, {"error": f"no such endpoint {self.path}; use POST /score, GET /info, GET /health"})
-
-    def do_POST(self):
-        if self.path != "/score":
-            return self._send(404, {"error": f"no such endpoint {self.path}; use POST /score"})
-        if not self._authorised():
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self.close_connection = True
-            return self._send(413, {"error": f"body of {length} bytes exceeds {MAX_BODY}"})
-        try:
-            batch = decode_batch(json.loads(self.rfile.read(length)))
-        except (ValueError, KeyError, TypeError) as e:
-            return self._send(400, {"error": f"bad request: {e}"})
-        try:
-            with self.server.slots:
-                out = self.server.reward(**batch)
-        except ModalityError as e:
-            return self._send(400, {"error": str(e)})
-        except Exception as e:  # noqa: BLE001 - reported to the client, which retries
-            return self._send(500, {"error": f"reward {self.server.reward.name!r} raised {type(e).__name__}: {e}"})
-        details = {k: [_score_to_json(v) if isinstance(v, float) else v for v in vs] for k, vs in out.details.items()}
-        self._send(200, {"scores": [_score_to_json(s) for s in out.scores], "details": details})
-
-
-def make_server(reward, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                reward_kwargs: dict | None = None, max_concurrency: int = 1) -> RewardServer:  # fmt: skip
-    """A server bound to ``host:port`` (port 0 picks a free one, see ``.url``); call ``serve_forever()`` on it."""
-    from .registry import load_reward
-
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        print(f"warning: serving a reward on {host} with no token: anyone who can reach it can use it", file=sys.stderr)
-    return RewardServer(load_reward(reward, **(reward_kwargs or {})), host, port, token, max_concurrency)
-
-
-def serve(reward, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-          reward_kwargs: dict | None = None, max_concurrency: int = 1) -> None:  # fmt: skip
-    """Serve until interrupted."""
-    server = make_server(reward, host, port, token, reward_kwargs, max_concurrency)
-    print(f"serving reward {server.reward.name!r} on {server.url} ({PROTOCOL})", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lance-rl serve-reward", description="Serve a reward over HTTP + JSON.")
-    p.add_argument("--reward", required=True, help="a registered name or package.module:callable")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
-    p.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"required bearer token (default ${TOKEN_ENV})")
-    p.add_argument("--kwargs", default="{}", help='reward constructor arguments as JSON, e.g. \'{"device": "cuda"}\'')
-    p.add_argument("--max-concurrency", type=int, default=1, help="batches scored at the same time")
-    args = p.parse_args(argv)
-    try:
-        kwargs = json.loads(args.kwargs)
-    except json.JSONDecodeError as e:
-        p.error(f"--kwargs is not valid JSON: {e}")
-    if not isinstance(kwargs, dict):
-        p.error("--kwargs must be a JSON object")
-    serve(args.reward, args.host, args.port, args.token, kwargs, args.max_concurrency)
-    return 0
+    """``lance-rl serve-reward``: the server lives in ``server.py``, imported here only, so clients need no uvicorn."""
+    from .server import main as serve_main
+
+    return serve_main(argv)
 
 
 # ------------------------------------------------------------------------------------------------ client

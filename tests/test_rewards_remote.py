@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from lance_rl.rewards import FailurePolicy, Reward, RewardError, build_mix, load_reward, score_with_policy
-from lance_rl.rewards.remote import RemoteReward, RemoteRewardError, decode_video, encode_video, main, make_server
+from lance_rl.rewards.remote import RemoteReward, RemoteRewardError, decode_video, encode_video, main
+from lance_rl.rewards.server import make_server
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(backoff=0.01)
