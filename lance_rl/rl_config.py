@@ -229,7 +229,9 @@ def check_before_loading(cfg: RLConfig) -> Inputs:
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise RecipeError(f"model.checkpoint: {model_dir / 'llm_config.json'} cannot be read: {e}") from None
     p = cfg.prompts
-    frames = p.num_frames if makes_video(p.task) else 1
+    if p.num_frames != 1 and not makes_video(p.task):
+        raise RecipeError(f"prompts.num_frames is {p.num_frames} but task {p.task} makes single images (leave it at 1)")
+    frames = p.num_frames
     try:
         grid = latent_grid_of(config.vae, frames, p.height, p.width)
     except ValueError as e:
