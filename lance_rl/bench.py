@@ -1,9 +1,13 @@
-"""Throughput benchmarks (`lance-rl bench`): ratios measured in one run, on whatever machine runs them.
+"""Benchmarks (`lance-rl bench`): throughput as ratios measured in one run, and memory as bytes counted.
 
 rollout: generating a group of G samples from one prompt with the shared, broadcast prefix cache, against a loop that
     generates them one at a time and re-encodes the prompt for each (what a naive rollout worker does).
 train: one policy-update step (forward and backward through every recorded SDE step of a group, LoRA on the
     generation expert) reusing the rollout's prefix cache, against recomputing the prefix with gradients each time.
+memory: the activation bytes one update micro-batch saves for backward, counted tensor by tensor with autograd's
+    saved-tensor hooks, at the released model's widths (hidden 2048, MLP 11008, 16 heads, 2 KV heads) with a few
+    layers and random weights, for the recipes' shapes; reported per token per layer, so that `lance-rl plan` can
+    scale them to 36 layers and any micro-batch.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def bench_rollout(
     grid: tuple[int, int, int] = (1, 8, 8),
     cfg_scale: float = 4.0,
     repeats: int = 3,
+    **_,
 ) -> dict:
     from lance_rl.model.guidance import CFGConfig
     from lance_rl.model.prefix import GenerationRequest, encode_prefix
@@ -93,6 +98,7 @@ def bench_train(
     grid: tuple[int, int, int] = (1, 8, 8),
     cfg_scale: float = 4.0,
     repeats: int = 3,
+    **_,
 ) -> dict:
     from lance_rl.config import LoraSection
     from lance_rl.policy import apply_lora
@@ -134,7 +140,117 @@ def bench_train(
     }
 
 
-BENCHMARKS = {"rollout": bench_rollout, "train": bench_train}
+# ------------------------------------------------------------------------------------------------ memory
+# The recipes' update shapes at 3B: latent grid of the target and of the edit source (Wan2.2: 16 px, 4 frames).
+SHAPES = {
+    "t2i_512": {"task": "t2i", "grid": (1, 32, 32)},  # 512x512
+    "t2v_33x240x416": {"task": "t2v", "grid": (9, 15, 26)},  # 33 frames of 240x416
+    "edit_512": {"task": "image_edit", "grid": (1, 32, 32), "vit_grid": (1, 36, 36)},  # 512x512 source and target
+}
+
+
+def measure_update_activations(config, shape: dict, rows: int = 1, precision: str = "fp32", checkpointing: bool = False,
+                               trains: str = "lora", lora_rank: int = 64, cfg_grad: str = "full",
+                               prompt: str = PROMPT) -> dict:  # fmt: skip
+    """Bytes one update micro-batch of `rows` samples saves for backward (unique storages, parameters excluded),
+    counted with saved-tensor hooks over a real forward at `config`'s widths: the target block against the cached
+    prefix (both CFG branches with cfg_grad "full"), and for editing the prefix too, which trainable weights shape."""
+    from lance_rl.config import LoraSection
+    from lance_rl.model.guidance import CFGConfig
+    from lance_rl.model.lance import LanceModel
+    from lance_rl.model.prefix import GenerationRequest, encode_prefix
+    from lance_rl.model.sampling import velocity
+    from lance_rl.model.tokenizer import build_tiny_tokenizer
+    from lance_rl.model.tasks import is_edit
+    from lance_rl.policy import PRECISIONS, PolicySpec, make_trainable
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+    model = LanceModel(config).to(PRECISIONS[precision])
+    spec = PolicySpec("-", trains=trains, precision=precision,
+                      lora=LoraSection(enabled=True, rank=lora_rank, alpha=2.0 * lora_rank) if trains == "lora" else None)  # fmt: skip
+    module = make_trainable(model, spec)
+    model.language_model.model.gradient_checkpointing = checkpointing
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    cfg = CFGConfig(scale=4.0)
+    request = GenerationRequest(shape["task"], prompt, shape["grid"])
+    edit = is_edit(shape["task"])
+    if edit:
+        t, h, w = shape["vit_grid"]
+        request.source_vit = (torch.randn(t * h * w, 3 * 2 * 14 * 14), shape["vit_grid"])
+        request.source_latent = torch.randn(*shape["grid"], config.latent_channels)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    counted: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params:
+            counted[key] = t.untyped_storage().nbytes()
+        return t
+
+    with autocast:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            prefix = encode_prefix(model, tokenizer, [request], cfg, grad=edit)
+        prefix_bytes = sum(counted.values())
+        target = request.target_grid[0] * request.target_grid[1] * request.target_grid[2]
+        x = torch.randn(rows, target, config.latent_channels)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            velocity(model, x, 0.8, prefix.repeat(rows), cfg, uncond_grad=cfg_grad == "full")
+    block_bytes = sum(counted.values()) - prefix_bytes
+    branches = 2 if cfg_grad == "full" else 1
+    layers = config.num_hidden_layers
+    prefix_tokens = len(prefix.plans[0]) - target - 2
+    return {
+        "task": shape["task"], "rows": rows, "precision": precision, "checkpointing": checkpointing, "trains": trains,
+        "cfg_grad": cfg_grad, "layers": layers, "target_tokens": target, "prefix_tokens": prefix_tokens,
+        "block_bytes": block_bytes, "prefix_bytes": prefix_bytes,
+        # Per row, CFG branch, token of the target block and layer: what the planner multiplies back up.
+        "activation_bytes_per_token_per_layer": block_bytes / (rows * branches * (target + 2) * layers),
+        # The edit prefix: per token of the prefix and layer (with grad for both branches' prefixes).
+        "prefix_bytes_per_token_per_layer": prefix_bytes / (branches * prefix_tokens * layers) if edit else 0.0,
+    }  # fmt: skip
+
+
+def bench_memory(layers: int = 2, shapes: list[str] | None = None, rows: int = 1,
+                 precisions: tuple[str, ...] = ("fp32", "bf16"), **_) -> dict:  # fmt: skip
+    """Measured activation bytes per token per layer at the released widths, with and without checkpointing, in fp32
+    and bf16, for each recipe shape; plus the exact parameter counts of the full 36-layer model."""
+    import dataclasses
+
+    from lance_rl.model.config import TINY_VISION, lance_3b
+    from lance_rl.plan import activation_figure, parameter_bytes
+
+    full = lance_3b()
+    config = dataclasses.replace(full, num_hidden_layers=layers, vocab_size=640,
+                                 vision_config=dict(TINY_VISION, out_hidden_size=full.hidden_size))  # fmt: skip
+    settings = []
+    for name in shapes or list(SHAPES):
+        for precision in precisions:
+            for checkpointing in (False, True):
+                started = time.perf_counter()
+                measured = measure_update_activations(config, SHAPES[name], rows, precision, checkpointing)
+                seconds = round(time.perf_counter() - started, 1)
+                # What `lance-rl plan` predicts for the same block from its small-block measurement.
+                figure = activation_figure(full, SHAPES[name]["task"], precision, checkpointing, "lora", 64, "full")
+                planned = 2 * rows * (figure.block(measured["target_tokens"] + 2, layers)
+                                      + layers * measured["prefix_tokens"] * 2 * full.num_key_value_heads
+                                      * full.head_dim * (2 if precision == "bf16" else 4))  # fmt: skip
+                settings.append({"shape": name, **measured, "planned_block_bytes": planned,
+                                 "planned_over_measured": round(planned / measured["block_bytes"], 3), "seconds": seconds})  # fmt: skip
+                print(f"  {name} {precision} checkpointing={checkpointing}: "
+                      f"{measured['activation_bytes_per_token_per_layer'] / 1024:.1f} KiB per token per layer; plan / "
+                      f"measured {planned / measured['block_bytes']:.3f} ({seconds} s)", flush=True)  # fmt: skip
+    return {
+        "benchmark": "memory",
+        "widths": {"hidden": config.hidden_size, "intermediate": config.intermediate_size, "heads":
+                   config.num_attention_heads, "kv_heads": config.num_key_value_heads, "measured_layers": layers},
+        "settings": settings,
+        "parameters_3b": parameter_bytes(full),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cpu, torch {torch.__version__}",
+    }  # fmt: skip
+
+
+BENCHMARKS = {"rollout": bench_rollout, "train": bench_train, "memory": bench_memory}
 
 
 def run(names: list[str], out: str | None = None, **kwargs) -> list[dict]:

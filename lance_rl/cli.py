@@ -163,8 +163,14 @@ def _bench(args: argparse.Namespace) -> int:
     from lance_rl.bench import run
 
     run(args.names or ["rollout", "train"], out=args.out, checkpoint=args.checkpoint, group_size=args.group_size,
-        num_steps=args.steps)  # fmt: skip
+        num_steps=args.steps, layers=args.layers)  # fmt: skip
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from lance_rl.plan import main as plan_main
+
+    return plan_main(args)
 
 
 def _cuda() -> bool:
@@ -282,8 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve-reward", help="serve a reward over HTTP (see rewards/remote.py; --help for options)")
 
-    p = sub.add_parser("bench", help="throughput benchmarks, reported as ratios measured in one run")
-    p.add_argument("names", nargs="*", help="benchmarks to run: rollout, train (default: both)")
+    p = sub.add_parser("plan", help="per-GPU memory of every role a recipe starts (parameters exact, activations measured)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value to set a field, ~key to reset it")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU")
+    p.add_argument("--json", action="store_true", help="print one JSON object (fits, max_gpu_gb, gpus, roles)")
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("bench", help="throughput benchmarks (ratios measured in one run) and memory (bytes counted)")
+    p.add_argument("names", nargs="*", help="benchmarks to run: rollout, train, memory (default: rollout and train)")
+    p.add_argument("--layers", type=int, default=2, help="memory: decoder layers at the released widths")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: a fresh tiny one)")
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)

@@ -158,7 +158,16 @@ def build_policy(spec: PolicySpec) -> Policy:
         raise RecipeError("a LoRA policy needs lora.enabled: true")
     dtype = PRECISIONS[spec.precision]
     loaded, codec = load_with_codec(spec.checkpoint, spec.vit_dir, spec.vae, device=spec.device, dtype=dtype)
-    model = loaded.model
+    module = make_trainable(loaded.model, spec)
+    policy = Policy(module, loaded.model, loaded.tokenizer, codec, spec)
+    if not policy.trainable:
+        raise RecipeError("nothing to train: every parameter is frozen (check train.* and lora.*)")
+    return policy
+
+
+def make_trainable(model, spec: PolicySpec) -> torch.nn.Module:
+    """Freeze what the spec keeps fixed, add LoRA or unfreeze experts, and keep the trainable weights in fp32;
+    returns the module to train (the PEFT wrapper with LoRA)."""
     model.requires_grad_(False)
     if spec.trains == "lora":
         module = apply_lora(model, spec.lora)
@@ -170,10 +179,7 @@ def build_policy(spec: PolicySpec) -> Policy:
     for p in module.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # fp32 master weights; the forward casts them under autocast
-    policy = Policy(module, model, loaded.tokenizer, codec, spec)
-    if not policy.trainable:
-        raise RecipeError("nothing to train: every parameter is frozen (check train.* and lora.*)")
-    return policy
+    return module
 
 
 @contextlib.contextmanager

@@ -55,9 +55,11 @@ def route(x: torch.Tensor, gen_mask: torch.Tensor | None, und: Callable, gen: Ca
     if bool(gen_mask.all()):
         return gen(x)
     und_out, gen_out = und(x[~gen_mask]), gen(x[gen_mask])
-    out = und_out.new_empty(*x.shape[:2], *und_out.shape[1:])
-    out[~gen_mask] = und_out
-    out[gen_mask] = gen_out
+    # The experts may answer in different dtypes (a trained fp32 norm beside a frozen bf16 one): keep the wider.
+    dtype = torch.promote_types(und_out.dtype, gen_out.dtype)
+    out = und_out.new_empty(*x.shape[:2], *und_out.shape[1:], dtype=dtype)
+    out[~gen_mask] = und_out.to(dtype)
+    out[gen_mask] = gen_out.to(dtype)
     return out
 
 
