@@ -93,3 +93,65 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -
     SDE's sigma_t instead (without the sqrt(|dt|) factor), which is the exact KL times |dt|: its published beta values
     (0.004-0.04) are in those units (`StepOutput.noise_std`)."""
     return ((mean - ref_mean) ** 2 / (2 * std**2)).mean(dim=tuple(range(1, mean.dim())))
+
+
+def ratio_norm_log_ratio(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """GRPO-Guard's RatioNorm (its `train_sd3_GRPO_Guard.py`): with s the transition std and delta = mu - mu_old,
+    log r~ = (log p - log p_old + mean(delta^2) / (2 s^2)) * s, per sample [B].
+
+    The Gaussian log-ratio of a stored transition x' = mu_old + s eps is mean(eps * delta) / s - mean(delta^2) / (2 s^2):
+    its second term biases every ratio below 1, and more so at low noise where s is small. Adding it back and scaling
+    by s leaves mean(eps * delta), which is 0 on-policy and has mean 0 off-policy at every step, so clipping acts
+    evenly across steps. `mean`s are over latent elements, as the log-probabilities are."""
+    s = std.reshape(-1)
+    bias = ((mean - old_mean) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * s**2)
+    return (log_prob - old_log_prob + bias) * s
+
+
+@dataclass
+class NFTLossOutput:
+    per_sample: torch.Tensor  # [B] (r L+ + (1 - r) L-) * scale / beta
+    positive: torch.Tensor  # [B] L+ detached
+    negative: torch.Tensor  # [B] L- detached
+
+
+def nft_loss(
+    v: torch.Tensor,
+    v_old: torch.Tensor,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    beta: float = 1.0,
+    scale: float = 5.0,
+) -> NFTLossOutput:
+    """DiffusionNFT's negative-aware fine-tuning loss on the forward process (its `train_nft_sd3.py`; paper eq. 8-9).
+
+    x_t = (1 - t) x0 + t eps noises a generated sample x0 [B, N, C] at t [B]; v is the policy's velocity there (with
+    gradient) and v_old the old policy's (a constant). The implicit positive and negative policies are
+    v+ = beta v + (1 - beta) v_old and v- = (1 + beta) v_old - beta v; each predicts x0 as x_t - t v, and each
+    prediction's squared error is divided by its own (constant) mean absolute error, an adaptive weight. A sample with
+    optimality probability r (from its advantage: r = 1/2 + A / (2 adv_clip), clipped to [0, 1]) pulls the positive
+    policy toward x0 with weight r and the negative one with 1 - r; `scale` (the advantage clip, 5) and 1/beta follow
+    the authors' code. When v == v_old and r == 1 this is the (adaptively weighted) flow-matching loss
+    t^2 |v - (eps - x0)|^2 on the policy's own samples."""
+    tt = t.reshape(-1, *([1] * (x0.dim() - 1)))
+    v_old = v_old.detach()
+    dims = tuple(range(1, x0.dim()))
+
+    def weighted_error(v_side: torch.Tensor) -> torch.Tensor:
+        error = (x_t - tt * v_side) - x0
+        weight = error.detach().abs().double().mean(dim=dims).clamp(min=1e-5).to(error.dtype)
+        return (error**2).mean(dim=dims) / weight
+
+    positive = weighted_error(beta * v + (1 - beta) * v_old)
+    negative = weighted_error((1 + beta) * v_old - beta * v)
+    per_sample = scale * (r * positive + (1 - r) * negative) / beta
+    return NFTLossOutput(per_sample, positive.detach(), negative.detach())
+
+
+def optimality_probability(advantages: torch.Tensor, adv_clip: float) -> torch.Tensor:
+    """DiffusionNFT's r in [0, 1] from clipped group advantages: 1/2 + A / (2 adv_clip)."""
+    return (advantages.clamp(-adv_clip, adv_clip) / (2 * adv_clip) + 0.5).clamp(0, 1)

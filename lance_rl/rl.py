@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from lance_rl.config import load_recipe, to_dict
-from lance_rl.grpo import clipped_policy_loss, gaussian_kl, group_advantages
+from lance_rl.algorithms import ALGORITHMS
+from lance_rl.grpo import group_advantages
 from lance_rl.rl_config import RLConfig, check_before_loading
 from lance_rl.rollout import RolloutRequest, RolloutResult, StaleRollout
 from lance_rl.trainer import (
@@ -65,14 +66,20 @@ class RLRecipe:
         from lance_rl.rewards.mix import build_mix
         from lance_rl.rewards.runner import RewardRunner
 
+        from lance_rl.trainer_group import TrainerGroup
+
         c, t, a = self.cfg, self.cfg.train, self.cfg.algorithm
         torch.manual_seed(t.seed)
-        self.device = select_device(t.device)
+        self.group = TrainerGroup(t.num_trainers)
+        self.device = select_device(t.device if t.device != "auto" or not torch.cuda.is_available()
+                                    else f"cuda:{self.group.local_rank}")  # fmt: skip
         self.precision = resolve_precision(t.precision, self.device)
-        if c.rollout.num_workers > 0 or _uses_ray(c.rewards) or _uses_ray(c.eval.gold_rewards):
+        scores_here = self.group.main or c.rollout.num_workers == 0  # colocated: every rank scores its own groups
+        if (c.rollout.num_workers > 0 and self.group.main) or (scores_here and (_uses_ray(c.rewards) or _uses_ray(c.eval.gold_rewards))):
             from lance_rl.rollout import init_ray
 
-            init_ray(c.rollout.ray_address)  # first, so reward actors and rollout workers join the same cluster
+            # First, so reward actors and rollout workers join the same cluster; the trainers' GPUs stay theirs.
+            init_ray(c.rollout.ray_address, self.group.local_world if self.device.type == "cuda" else 0)
         self.spec = PolicySpec(c.model.checkpoint, c.model.vit_dir, c.model.vae, t.policy,
                                c.lora if t.policy == "lora" else None, self.precision, device=str(self.device))  # fmt: skip
         self.policy = build_policy(self.spec)
@@ -82,21 +89,30 @@ class RLRecipe:
         # Full training's KL reference: the initial trainable weights, swapped in when needed (no second model).
         self.reference_weights = frozen_copy(self.trainable, self.precision) if a.beta > 0 and not self.policy.is_lora else None
         self.ema = EMA(self.trainable, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
+        self.algorithm = ALGORITHMS[a.name](self)
         steps = t.updates * a.inner_epochs * a.minibatches
         self.optimizer, self.scheduler = build_optimizer(list(self.trainable.values()), c.optim, steps)
-        self.reward_mix = build_mix(c.rewards)
-        self.scorer = RewardRunner(self.reward_mix, max_workers=4)
-        self.gold = build_mix(c.eval.gold_rewards) if c.eval.gold_rewards else None
-        self.rollout = self._workers()
+        # Reward models where scoring happens: rank 0 in split mode (it scores every group), every rank colocated.
+        self.reward_mix = build_mix(c.rewards) if scores_here else None
+        self.scorer = RewardRunner(self.reward_mix, max_workers=4) if scores_here else None
+        self.gold = build_mix(c.eval.gold_rewards) if c.eval.gold_rewards and self.group.main else None
+        self.rollout = self._workers() if self.group.main or c.rollout.num_workers == 0 else None
         log.info("policy: %s (%s), %s trainable parameters", t.policy, self.precision,
                  f"{sum(p.numel() for p in self.trainable.values()):,}")  # fmt: skip
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(to_dict(c), indent=2) + "\n")
+        if self.group.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(to_dict(c), indent=2) + "\n")
         if self.resume:
             resume_latest(self.out, self._load)
         self.metrics = MetricsLog(self.out, "update", t.updates, c.logging, to_dict(c),
-                                  resume_at=self.update if self.resume else None)  # fmt: skip
-        self.sync = self.rollout.set_weights(self.policy, self.update)
+                                  resume_at=self.update if self.resume else None, enabled=self.group.main)  # fmt: skip
+        self.sync = self._sync()
+
+    def _sync(self) -> dict:
+        """The policy's weights (or the algorithm's sampling weights) to the rollout workers, as version `update`."""
+        if self.rollout is None:  # a rank other than 0 in split mode: rank 0 drives the workers
+            return {"bytes": 0, "buckets": 0}
+        return self.rollout.set_weights(self.policy, self.update, self.algorithm.sampling_weights())
 
     def _workers(self):
         from lance_rl.rollout import LocalRollout, RayRollout
@@ -112,7 +128,7 @@ class RLRecipe:
         from tqdm import tqdm
 
         t, a = self.cfg.train, self.cfg.algorithm
-        if self.update == 0 and self.cfg.eval.every > 0:
+        if self.update == 0 and self.cfg.eval.every > 0 and self.group.main:
             self.metrics.write({"update": 0, **self.evaluate()})  # the starting point of every eval curve
         bar = tqdm(total=t.updates, initial=self.update, desc="rl", unit="update", dynamic_ncols=True,
                    disable=not sys.stderr.isatty())  # fmt: skip  # logs carry the progress when not on a terminal
@@ -122,9 +138,10 @@ class RLRecipe:
             requests, sampler = self._plan_update(self.update)
             results, scored, timing = self._rollout_and_score(requests, sampler)
 
-            # 3. Group advantages; samples without a reward (None) are left out of the statistics and the loss.
-            rewards = torch.tensor([np.nan if s is None else s for out in scored for s in out.scores], dtype=torch.float64)
-            groups = torch.arange(len(results)).repeat_interleave(a.group_size)
+            # 3. Group advantages; samples without a reward (None) are left out of the statistics and the loss. With
+            # several trainer ranks the rewards of every rank's groups are gathered first, so all compute the same.
+            rewards = self.group.gather_rewards({g: out.scores for g, out in scored.items()}, len(requests), a.group_size)
+            groups = torch.arange(len(requests)).repeat_interleave(a.group_size)
             adv = group_advantages(rewards, groups, a.global_std, a.adv_clip_max)
             trained = adv.trained(a.skip_zero_std)
 
@@ -136,15 +153,15 @@ class RLRecipe:
             # 5. New weights to the workers, under the next version.
             started = time.perf_counter()
             self.update += 1
-            self.sync = self.rollout.set_weights(self.policy, self.update)
+            self.sync = self._sync()
             timing["sync"] = time.perf_counter() - started
 
-            last = self._row(scored, rewards, adv, trained, groups, stats, timing)
+            last = self._row(list(scored.values()), rewards, adv, trained, groups, stats, timing)
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward/mean']:.3f}", clip=f"{last.get('clip_frac', 0):.2f}")
-            # 6. Evaluate, log and checkpoint.
+            # 6. Evaluate (rank 0), log and checkpoint.
             evaluated = self.cfg.eval.every > 0 and (self.update % self.cfg.eval.every == 0 or self.update == t.updates)
-            if evaluated:
+            if evaluated and self.group.main:
                 last |= self.evaluate()
             if evaluated or self.update % self.cfg.logging.every == 0 or self.update == t.updates:
                 self.metrics.write(last)
@@ -172,34 +189,37 @@ class RLRecipe:
                 noise_seeds=(base,) * a.group_size if s.same_noise_in_group else None,
                 source=record.get("source"), resolution=max(p.height, p.width),
             ))  # fmt: skip
-        first, stop = s.window_range or (0, s.num_steps - 1)
-        if s.window_size:
-            first = rng.randint(first, stop - s.window_size)
-            stop = first + s.window_size
         sampler = SamplerConfig(num_steps=s.num_steps, shift=s.shift, kind=s.kind, noise_level=s.noise_level,
-                                sde_window=(first, stop), cfg=self.cfg_guidance)  # fmt: skip
-        return requests, sampler
+                                cfg=self.cfg_guidance)  # fmt: skip
+        return requests, self.algorithm.sampler(sampler, k, rng)  # the algorithm decides the window and the solver
 
     def _rollout_and_score(self, requests, sampler):
-        """Roll out every request; each result goes to the reward runner the moment it arrives, so scoring overlaps
-        the sampling of the groups still running. Returns results and scores in request order, and the timings."""
-        started = time.perf_counter()
+        """Roll out the requests this rank samples; each result goes to the reward runner the moment it arrives, so
+        scoring overlaps the sampling of the groups still running. Returns {group: result} and {group: scores} of
+        this rank's groups, and the timings. In split mode rank 0 samples and scores every group through the
+        workers, then hands each rank its groups."""
+        colocated = self.cfg.rollout.num_workers == 0
+        mine = [r for r in requests if self.group.owns(r.request_id)] if colocated else requests
         results: dict[int, RolloutResult] = {}
         futures, submitted = {}, {}
-        for result in self.rollout.stream(requests, sampler):
-            if result.weights_version != self.update:
-                raise StaleRollout(f"request {result.request_id} was sampled with the weights of update "
-                                   f"{result.weights_version}, but the trainer is at update {self.update}: a weight "
-                                   "sync did not reach its worker")  # fmt: skip
-            results[result.request_id] = result
-            submitted[result.request_id] = time.perf_counter()
-            futures[result.request_id] = self.scorer.submit(**self._reward_batch(result, requests[result.request_id]))
+        started = time.perf_counter()
+        if colocated or self.group.main:
+            for result in self.rollout.stream(mine, sampler):
+                if result.weights_version != self.update:
+                    raise StaleRollout(f"request {result.request_id} was sampled with the weights of update "
+                                       f"{result.weights_version}, but the trainer is at update {self.update}: a "
+                                       "weight sync did not reach its worker")  # fmt: skip
+                results[result.request_id] = result
+                submitted[result.request_id] = time.perf_counter()
+                futures[result.request_id] = self.scorer.submit(**self._reward_batch(result, requests[result.request_id]))
         rollout_done = time.perf_counter()
-        scored = [futures[i].result() for i in range(len(requests))]
+        scored = {g: futures[g].result() for g in sorted(futures)}
         done = time.perf_counter()
-        timing = {"rollout": rollout_done - started, "score": done - min(submitted.values()),
-                  "score_after_rollout": done - rollout_done}  # fmt: skip
-        return [results[i] for i in range(len(requests))], scored, timing
+        if not colocated:
+            results = self.group.share_results(results, len(requests))
+        first = min(submitted.values(), default=done)
+        timing = {"rollout": rollout_done - started, "score": done - first, "score_after_rollout": done - rollout_done}
+        return results, scored, timing
 
     def _reward_batch(self, result: RolloutResult, request: RolloutRequest) -> dict:
         media = result.media
@@ -215,75 +235,28 @@ class RLRecipe:
 
     # ---------------------------------------------------------------- the update
     def _update(self, results, requests, sampler, advantages, trained, groups) -> dict:
+        """The algorithm's loss over every trained sample, one optimizer step per minibatch of groups."""
         a = self.cfg.algorithm
-        stats: dict = {"policy_loss": [], "kl": [], "kl_exact": [], "log_ratio": [], "clipped": [], "ratio": [],
-                       "ratio_by_step": {}, "grad_norm": []}  # fmt: skip
-        with_signal = [g for g in range(len(results)) if bool(trained[groups == g].any())]
+        stats: dict = {k: [] for k in ("policy_loss", "kl", "kl_exact", "log_ratio", "clipped", "ratio", "grad_norm",
+                                       "nft_positive", "nft_negative")} | {"ratio_by_step": {}}  # fmt: skip
+        with_signal = [g for g in range(len(requests)) if bool(trained[groups == g].any())]
+        per_sample = self.algorithm.terms_per_sample(next(iter(results.values())), sampler)
         self.policy.module.train()
         for _ in range(a.inner_epochs):
             for chunk in np.array_split(np.array(with_signal, dtype=int), a.minibatches):
                 self.optimizer.zero_grad(set_to_none=True)
-                terms = sum(int(trained[groups == g].sum()) for g in chunk) * len(results[0].steps)
-                for g in chunk.tolist():
+                terms = sum(int(trained[groups == g].sum()) for g in chunk) * per_sample  # over every rank's groups
+                for g in (g for g in chunk.tolist() if self.group.owns(g)):
                     rows = groups == g
-                    self._group_loss(results[g], requests[g], sampler, advantages[rows], trained[rows], terms, stats)
+                    self.algorithm.group_loss(results[g], requests[g], sampler, advantages[rows], trained[rows], terms,
+                                              stats)  # fmt: skip
+                self.group.all_reduce_gradients(list(self.trainable.values()))
                 self._optimizer_step(stats)
+        self.algorithm.after_update(self.scheduler.last_epoch)
         self._prefixes, self._requests = {}, {}
         return stats
 
-    def _group_loss(self, res: RolloutResult, req: RolloutRequest, sampler, adv, trained, terms: int, stats) -> None:
-        """Backward through every recorded step of one group's trained samples, `micro_batch_size` rows at a time;
-        each term is divided by the minibatch's number of terms, so the accumulated gradient is the one-pass one."""
-        from lance_rl.model.schedule import step
-        from lance_rl.model.sampling import velocity
-
-        a = self.cfg.algorithm
-        dev = self.device
-        # Ray hands back read-only arrays: np.require copies those into writable ones.
-        x_t, x_next, old, times = (torch.from_numpy(np.require(x, requirements="W")).to(dev)
-                                   for x in (res.x_t, res.x_next, res.log_probs, res.timesteps))  # fmt: skip
-        adv, trained = adv.to(dev), trained.to(dev)
-        size = a.micro_batch_size or len(adv)
-        shaped_by_training = self.policy.prefix_depends_on_training(req.task)
-        for start in range(0, len(adv), size):
-            rows = slice(start, min(start + size, len(adv)))
-            mask = trained[rows].float()
-            if not bool(mask.any()):
-                continue
-            n = rows.stop - rows.start
-            prefix = self._prefix(req, grad=shaped_by_training).repeat(n)
-            ref_prefix = None
-            if a.beta > 0:
-                ref_prefix = self._prefix(req, grad=False, reference=True).repeat(n) if shaped_by_training else prefix
-            for j, i in enumerate(res.steps):
-                t, t_next = times[i], times[i + 1]
-                with self.policy.autocast():
-                    v = velocity(self.policy.model, x_t[rows, j], t, prefix, sampler.cfg, uncond_grad=a.cfg_grad == "full")
-                out = step(x_t[rows, j], v, t, t_next, sampler.kind, sampler.noise_level, x_next=x_next[rows, j],
-                           moving=prefix.moving)  # fmt: skip
-                pl = clipped_policy_loss(out.log_prob, old[rows, j], adv[rows], a.clip_range, a.clip_range_high)
-                loss = (pl.per_sample * mask).sum()
-                if a.beta > 0:
-                    with torch.no_grad(), self.policy.reference(self.reference_weights), self.policy.autocast():
-                        v_ref = velocity(self.policy.model, x_t[rows, j], t, ref_prefix, sampler.cfg)
-                    ref = step(x_t[rows, j], v_ref, t, t_next, sampler.kind, sampler.noise_level,
-                               x_next=x_next[rows, j], moving=prefix.moving)  # fmt: skip
-                    std = out.noise_std if a.kl_units == "flow_grpo" else out.std_dev_t
-                    kl = gaussian_kl(out.prev_sample_mean, ref.prev_sample_mean, std)
-                    loss = loss + a.beta * (kl * mask).sum()
-                    keep = mask.bool()
-                    stats["kl"].append(kl.detach()[keep])
-                    stats["kl_exact"].append(gaussian_kl(out.prev_sample_mean, ref.prev_sample_mean, out.std_dev_t).detach()[keep])
-                # A prefix built with gradients is shared by every step: keep its graph until the last one.
-                (loss / terms).backward(retain_graph=shaped_by_training and j < len(res.steps) - 1)
-                keep = mask.bool().cpu()
-                stats["policy_loss"].append(pl.per_sample.detach().cpu()[keep])
-                stats["log_ratio"].append(pl.log_ratio.cpu()[keep])
-                stats["clipped"].append(pl.clipped.cpu()[keep])
-                stats["ratio"].append(pl.ratio.cpu()[keep])
-                stats["ratio_by_step"].setdefault(i, []).append(pl.ratio.cpu()[keep])
-
-    def _prefix(self, req: RolloutRequest, grad: bool, reference: bool = False):
+    def prefix(self, req: RolloutRequest, grad: bool, reference: bool = False):
         """The request's prefix encoding (one row). Without gradients it depends only on frozen weights (or is the
         reference's own), so one encoding per prompt serves the whole update."""
         from lance_rl.model.prefix import encode_prefix
@@ -326,7 +299,7 @@ class RLRecipe:
                "sync/bytes": self.sync["bytes"], "sync/buckets": self.sync["buckets"]}  # fmt: skip
         if self.ema is not None:
             row["ema_decay"] = self.ema.decay
-        for name in scored[0].details:
+        for name in scored[0].details if scored else ():  # this rank's groups' reward details
             values = [v for out in scored for v in out.details.get(name, []) if isinstance(v, (int, float)) and v is not None]
             if values:
                 row[f"rewards/{name}/mean"], row[f"rewards/{name}/std"] = float(np.mean(values)), float(np.std(values))
@@ -338,8 +311,11 @@ class RLRecipe:
                     "ratio/max_abs_dev": float((ratio - 1).abs().max())}  # fmt: skip
             for i, rs in stats["ratio_by_step"].items():
                 row[f"ratio/step_{i}/mean"] = float(torch.cat(rs).mean())
-        if stats["kl"]:
-            row["kl"], row["kl_exact"] = float(torch.cat(stats["kl"]).mean()), float(torch.cat(stats["kl_exact"]).mean())
+        for key in ("kl", "kl_exact", "nft_positive", "nft_negative"):
+            if stats[key]:
+                row[key] = float(torch.cat(stats[key]).mean())
+        if stats["policy_loss"] and "policy_loss" not in row:
+            row["policy_loss"] = float(torch.cat(stats["policy_loss"]).mean())
         for stage, seconds in timing.items():
             row[f"timing/{stage}"] = seconds
         for stage in ("rollout", "update", "sync"):
@@ -403,7 +379,14 @@ class RLRecipe:
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """checkpoints/update_NNNNN/ with the trainable weights (a PEFT adapter for LoRA), optimizer, schedule, EMA
-        and the reward normaliser; written under a temporary name and renamed, then `latest` is switched."""
+        and the reward normaliser; written by rank 0 under a temporary name and renamed, then `latest` is switched.
+        Every rank holds the same weights and optimizer state, so one copy serves them all."""
+        if self.group.main:
+            self._write_checkpoint()
+        self.group.barrier()
+        return self.out / "checkpoints" / f"update_{self.update:05d}"
+
+    def _write_checkpoint(self) -> None:
         from safetensors.torch import save_file
 
         from lance_rl.checkpointing import new_checkpoint
@@ -418,9 +401,9 @@ class RLRecipe:
                 (tmp / "base_checkpoint.txt").write_text(base)
             state = {"update": self.update, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                     "reward_mix": json.dumps(_jsonable(self.reward_mix.state_dict()))}  # fmt: skip
+                     "reward_mix": json.dumps(_jsonable(self.reward_mix.state_dict())),
+                     "algorithm": self.algorithm.state_dict()}  # fmt: skip
             torch.save(state, tmp / "trainer_state.pt")
-        return self.out / "checkpoints" / f"update_{self.update:05d}"
 
     def _load(self, ckpt: Path) -> None:
         """Read every file of the checkpoint first (a corrupt one raises before anything changes), then apply."""
@@ -439,12 +422,14 @@ class RLRecipe:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
-        self.reward_mix.load_state_dict(json.loads(state["reward_mix"]))
+        if self.reward_mix is not None:
+            self.reward_mix.load_state_dict(json.loads(state["reward_mix"]))
+        self.algorithm.load_state_dict(state["algorithm"])
         self.update = state["update"]
         log.info("resumed from %s at update %d", ckpt, self.update)
 
     def cleanup(self) -> None:
-        for part in ("metrics", "scorer", "rollout"):
+        for part in ("metrics", "scorer", "rollout", "group"):
             if getattr(self, part, None) is not None:
                 getattr(self, part).close()
 

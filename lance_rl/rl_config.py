@@ -64,9 +64,43 @@ class SamplerSection:
 
 
 @dataclass
-class AlgorithmSection:
-    """GRPO on denoising steps (spec: flow-grpo-and-peers.md 1.2-1.4)."""
+class MixSection:
+    """MixGRPO's sliding window: `sampler.window_size` SDE steps starting at the first step of `sampler.window_range`
+    and moving `stride` steps later every `shift_every` updates (wrapping around); the authors move 1 step every
+    25 iterations (20 for MixGRPO-Flash)."""
 
+    shift_every: int = 25
+    stride: int = 1
+
+    def __post_init__(self):
+        if self.shift_every < 1 or self.stride < 0:
+            raise RecipeError("algorithm.mix.shift_every must be at least 1 and algorithm.mix.stride >= 0")
+
+
+@dataclass
+class NFTSection:
+    """DiffusionNFT: `beta` mixes the implicit policies (the authors: 1.0; 0.1 for OCR and reward mixes); the old
+    policy that samples trails the trained one: old <- eta old + (1 - eta) theta after each update, with
+    eta = min(old_decay_rate * (optimizer steps - old_decay_flat), old_decay_max) (the authors: 0.001, 0.5, 0)."""
+
+    beta: float = 1.0
+    old_decay_rate: float = 0.001
+    old_decay_max: float = 0.5
+    old_decay_flat: int = 0
+
+    def __post_init__(self):
+        if not self.beta > 0 or self.old_decay_rate < 0 or not 0 <= self.old_decay_max < 1 or self.old_decay_flat < 0:
+            raise RecipeError("algorithm.nft: beta > 0, old_decay_rate >= 0, 0 <= old_decay_max < 1, old_decay_flat >= 0")
+
+
+@dataclass
+class AlgorithmSection:
+    """The policy update (lance_rl/algorithms.py): flow_grpo, mix_grpo, grpo_guard or diffusion_nft, sharing the
+    rollouts, rewards, advantages, evaluation and checkpoints (spec: flow-grpo-and-peers.md 1.2-1.4)."""
+
+    name: Literal["flow_grpo", "mix_grpo", "grpo_guard", "diffusion_nft"] = "flow_grpo"
+    mix: MixSection = field(default_factory=MixSection)  # mix_grpo only
+    nft: NFTSection = field(default_factory=NFTSection)  # diffusion_nft only
     group_size: int = 8  # samples per prompt; advantages compare within a group
     prompts_per_update: int = 8  # drawn without replacement within an update: one group per prompt
     inner_epochs: int = 1  # passes over each rollout batch
@@ -98,6 +132,11 @@ class AlgorithmSection:
             raise RecipeError("algorithm.clip_range (and clip_range_high) must be positive")
         if not self.adv_clip_max > 0 or self.beta < 0 or self.micro_batch_size < 0:
             raise RecipeError("algorithm.adv_clip_max must be positive, beta and micro_batch_size >= 0")
+        for section, owner in (("mix", "mix_grpo"), ("nft", "diffusion_nft")):
+            value = getattr(self, section)
+            if self.name != owner and value != type(value)():
+                raise RecipeError(f"algorithm.{section} applies to algorithm.name {owner!r} only (the recipe runs "
+                                  f"{self.name!r}); leave it at its defaults")  # fmt: skip
 
 
 @dataclass
@@ -136,14 +175,15 @@ class TrainSection:
     updates: int = 20
     policy: Literal["lora", "generation", "both"] = "lora"  # LoRA (see lora.*), full generation expert, or both experts
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (policy.py: what is bf16)
+    num_trainers: int = 1  # data-parallel trainer ranks, launched by torchrun (lance_rl/trainer_group.py)
     ema_decay: float = 0.0  # EMA of the trainable weights, used for evaluation and export; 0 turns it off
     ema_warmup: bool = True  # the decay ramps as Flow-GRPO's does: min(ema_decay, k / (9 + k)) at update k >= 2
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self):
-        if self.updates < 1:
-            raise RecipeError(f"train.updates must be at least 1, got {self.updates}")
+        if self.updates < 1 or self.num_trainers < 1:
+            raise RecipeError("train.updates and train.num_trainers must be at least 1")
         if not 0 <= self.ema_decay < 1:
             raise RecipeError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -175,6 +215,11 @@ class RLConfig:
                 f"lora.dropout is {self.lora.dropout}: dropout makes the update's policy differ from the rollout's "
                 "(the importance ratio leaves 1 on-policy), so RL needs lora.dropout: 0"
             )
+        if self.algorithm.prompts_per_update < self.train.num_trainers:
+            raise RecipeError(f"algorithm.prompts_per_update ({self.algorithm.prompts_per_update}) must be at least "
+                              f"train.num_trainers ({self.train.num_trainers}): each rank trains whole groups")  # fmt: skip
+        if self.algorithm.name == "grpo_guard" and self.sampler.kind != "sde":
+            raise RecipeError("algorithm.name grpo_guard normalises the SDE step's ratio: it needs sampler.kind: sde")
         n = self.sampler.num_steps
         first, stop = self.sampler.window_range or (0, n - 1)
         if not 0 <= first < stop <= n - 1 or self.sampler.window_size > stop - first:

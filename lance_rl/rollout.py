@@ -47,7 +47,9 @@ class RolloutResult:
     timesteps: np.ndarray  # [num_steps + 1]
     steps: tuple[int, ...]  # indices of the recorded steps
     media: np.ndarray  # [G, T, H, W, 3] uint8
+    latents: np.ndarray  # [G, N, C] the final clean latents (DiffusionNFT trains on them)
     source_media: np.ndarray | None = field(default=None)  # [T, H, W, 3] uint8: the edit source, for rewards
+    means: np.ndarray | None = field(default=None)  # [G, S, N, C] each recorded step's mean (GRPO-Guard)
 
 
 class StaleRollout(RuntimeError):
@@ -99,7 +101,9 @@ def rollout_group(policy: Policy, request: RolloutRequest, sampler, version: int
         timesteps=traj.timesteps.cpu().numpy(),
         steps=tuple(traj.steps),
         media=pixels,
+        latents=traj.latents.cpu().numpy(),
         source_media=source,
+        means=traj.means.cpu().numpy() if traj.means is not None else None,
     )
 
 
@@ -133,18 +137,23 @@ class LocalRollout:
     """The trainer's own policy samples (one GPU, or this CPU without Ray): always the current weights."""
 
     def __init__(self, policy: Policy):
-        self.policy, self.version = policy, 0
+        self.policy, self.version, self.weights = policy, 0, None
 
-    def set_weights(self, policy: Policy, version: int) -> dict:
-        self.version = version  # the trainer's policy is the sampler: nothing moves
+    def set_weights(self, policy: Policy, version: int, weights: dict | None = None) -> dict:
+        """Nothing moves: the trainer's policy is the sampler (or `weights`, swapped in while sampling)."""
+        self.version, self.weights = version, weights
         return {"bytes": 0, "buckets": 0}
 
     def stream(self, requests: list[RolloutRequest], sampler) -> Iterator[RolloutResult]:
+        from lance_rl.policy import swap_parameters
+
         was_training = self.policy.module.training
         self.policy.module.eval()
         try:
             for request in requests:
-                yield rollout_group(self.policy, request, sampler, self.version)
+                with swap_parameters(self.policy.trainable, self.weights):
+                    result = rollout_group(self.policy, request, sampler, self.version)
+                yield result
         finally:
             self.policy.module.train(was_training)
 
@@ -201,9 +210,11 @@ class RayRollout:
     def _spawn(self):
         return self.actor_cls.remote(self.spec)
 
-    def set_weights(self, policy: Policy, version: int) -> dict:
-        """Send the trainable weights (LoRA only with LoRA) to every worker in buckets; returns what moved."""
-        buckets = to_buckets({n: p.detach() for n, p in policy.trainable.items()}, self.bucket_bytes)
+    def set_weights(self, policy: Policy, version: int, weights: dict | None = None) -> dict:
+        """Send the trainable weights (LoRA only with LoRA), or `weights` of the same names, to every worker in
+        buckets; returns what moved."""
+        state = weights if weights is not None else {n: p.detach() for n, p in policy.trainable.items()}
+        buckets = to_buckets(state, self.bucket_bytes)
         self.bucket_refs = [self.ray.put(b) for b in buckets]  # one copy in the object store, read by every worker
         self.ray.get([w.set_weights.remote(version, self.bucket_refs) for w in self.workers])
         self.version = version
@@ -240,8 +251,11 @@ class RayRollout:
             self.ray.kill(w)
 
 
-def init_ray(address: str | None) -> None:
-    """One `ray.init` for every Ray user of a run (rollout workers and reward actors), with the recipe's address."""
+def init_ray(address: str | None, trainer_gpus: int = 0) -> None:
+    """One `ray.init` for every Ray user of a run (rollout workers and reward actors), with the recipe's address.
+
+    The trainer ranks' GPUs (0 .. trainer_gpus - 1 of this node) are kept from Ray's scheduler, so no rollout worker
+    or reward actor lands on them: a local Ray sees only the other GPUs; on a cluster a placement group holds them."""
     import ray
 
     if ray.is_initialized():
@@ -249,5 +263,46 @@ def init_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
+        reserve_trainer_gpus(trainer_gpus)
+        return
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = ray_visible_gpus(trainer_gpus, torch.cuda.device_count(), saved)
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible  # the local raylet starts with (and keeps) this view
+    try:
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+    finally:
+        if visible is not None:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES")
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def ray_visible_gpus(trainer_gpus: int, count: int, visible: str | None) -> str | None:
+    """The CUDA_VISIBLE_DEVICES a local Ray should see: this node's GPUs without the first `trainer_gpus` (None
+    when there is nothing to hide)."""
+    if trainer_gpus <= 0 or count == 0:
+        return None
+    devices = visible.split(",") if visible else [str(i) for i in range(count)]
+    if trainer_gpus >= len(devices):
+        raise ValueError(f"the {trainer_gpus} trainer rank(s) take all {len(devices)} GPUs of this node; none is left "
+                         "for rollout workers or reward actors (use rollout.num_workers: 0, colocated)")  # fmt: skip
+    return ",".join(devices[trainer_gpus:])
+
+
+_reservation = None
+
+
+def reserve_trainer_gpus(trainer_gpus: int):
+    """On a Ray cluster, hold this node's trainer GPUs in a placement group for the whole run."""
+    global _reservation
+    if trainer_gpus <= 0 or not torch.cuda.is_available():
+        return None
+    import ray
+    from ray.util.placement_group import placement_group
+
+    node = f"node:{ray.util.get_node_ip_address()}"
+    _reservation = placement_group([{"GPU": 1, node: 0.001}] * trainer_gpus, strategy="STRICT_PACK")
+    ray.get(_reservation.ready(), timeout=600)
+    return _reservation

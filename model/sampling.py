@@ -77,6 +77,7 @@ class SamplerConfig:
     noise_level: float = 0.7
     sde_window: tuple[int, int] | None = None
     cfg: CFGConfig = field(default_factory=CFGConfig)
+    record_means: bool = False  # also record each recorded step's mean (GRPO-Guard's ratio normalisation needs it)
 
     def stochastic_steps(self) -> list[int]:
         if self.kind == "ode":
@@ -98,6 +99,7 @@ class Trajectory:
     x_t: torch.Tensor  # [B, S, N, C] state entering each recorded step
     x_next: torch.Tensor  # [B, S, N, C] state after it
     log_probs: torch.Tensor  # [B, S]
+    means: torch.Tensor | None = None  # [B, S, N, C] the mean of each recorded transition, when asked for
 
 
 def initial_noise(
@@ -124,7 +126,7 @@ def sample(
     x = noise.float()
     if prefix.clean_mask is not None:
         x = torch.where(prefix.clean_mask[None, :, None], prefix.clean_latents, x)
-    xs, nexts, log_probs = [], [], []
+    xs, nexts, log_probs, means = [], [], [], []
     for i in range(config.num_steps):
         t, t_next = timesteps[i], timesteps[i + 1]
         v = velocity(model, x, t, prefix, config.cfg)
@@ -135,6 +137,8 @@ def sample(
             xs.append(x)
             nexts.append(out.prev_sample)
             log_probs.append(out.log_prob)
+            if config.record_means:
+                means.append(out.prev_sample_mean)
         x = out.prev_sample
         if progress is not None:
             progress(i + 1, config.num_steps)
@@ -147,6 +151,7 @@ def sample(
         x_t=torch.stack(xs, 1) if xs else empty,
         x_next=torch.stack(nexts, 1) if nexts else empty,
         log_probs=torch.stack(log_probs, 1) if log_probs else x.new_zeros(b, 0),
+        means=torch.stack(means, 1) if means else None,
     )
 
 

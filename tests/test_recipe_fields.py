@@ -90,5 +90,8 @@ def test_every_rl_field_is_read(tmp_path, sft_tiny, monkeypatch):
                         "optim.schedule=cosine", "optim.warmup_steps=1"], monkeypatch)  # fmt: skip
     run_tracked(reads, [*common, f"output_dir={tmp_path / 'b'}", "rollout.num_workers=1", "rollout.num_cpus_per_worker=0.25",
                         "train.policy=generation", "lora.enabled=false", "eval.every=0"], monkeypatch)  # fmt: skip
+    for algorithm in ("mix_grpo", "diffusion_nft"):  # their own sections are read by their runs only
+        run_tracked(reads, [*common, f"output_dir={tmp_path / algorithm}", "rollout.num_workers=0", "eval.every=0",
+                            f"algorithm.name={algorithm}"], monkeypatch)  # fmt: skip
     never = sorted(every_field(RLConfig) - reads.reads)
     assert not never, f"recipe fields accepted but never read: {never}"

@@ -43,7 +43,7 @@ def built(overrides) -> RLRecipe:
 def rollout_batch(recipe: RLRecipe):
     requests, sampler = recipe._plan_update(0)
     results, scored, _ = recipe._rollout_and_score(requests, sampler)
-    rewards = torch.tensor([s for out in scored for s in out.scores], dtype=torch.float64)
+    rewards = torch.tensor([s for out in scored.values() for s in out.scores], dtype=torch.float64)
     groups = torch.arange(len(results)).repeat_interleave(recipe.cfg.algorithm.group_size)
     adv = group_advantages(rewards, groups)
     return requests, sampler, results, adv, groups
@@ -59,7 +59,7 @@ def gradient(recipe: RLRecipe, batch) -> dict[str, torch.Tensor]:
     stats = {k: [] for k in ("policy_loss", "kl", "kl_exact", "log_ratio", "clipped", "ratio")} | {"ratio_by_step": {}}
     for g in range(len(results)):
         rows = groups == g
-        recipe._group_loss(results[g], requests[g], sampler, adv.values[rows], trained[rows], terms, stats)
+        recipe.algorithm.group_loss(results[g], requests[g], sampler, adv.values[rows], trained[rows], terms, stats)
     return {n: p.grad.detach().clone() for n, p in recipe.trainable.items() if p.grad is not None}
 
 
@@ -93,7 +93,7 @@ def test_checkpointing_on_the_cached_path_saves_activations(tmp_path, model_dir)
     try:
         requests, sampler, results, _, _ = rollout_batch(recipe)
         res, req = results[0], requests[0]
-        prefix = recipe._prefix(req, grad=False).repeat(4)
+        prefix = recipe.prefix(req, grad=False).repeat(4)
         x = torch.from_numpy(np.array(res.x_t[:, 0]))
 
         def saved_bytes() -> int:
@@ -154,8 +154,8 @@ def test_the_kl_reference_of_an_edit_sees_a_prefix_built_by_the_reference(tmp_pa
         recipe._prefixes, recipe._requests = {}, {}
         x = torch.randn(1, 16, 48, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            policy_prefix = recipe._prefix(req, grad=False)  # built with the adapter on
-            reference_prefix = recipe._prefix(req, grad=False, reference=True)
+            policy_prefix = recipe.prefix(req, grad=False)  # built with the adapter on
+            reference_prefix = recipe.prefix(req, grad=False, reference=True)
             with recipe.policy.reference():
                 ours = velocity(recipe.policy.model, x, 0.7, reference_prefix)
                 with_policy_prefix = velocity(recipe.policy.model, x, 0.7, policy_prefix)
