@@ -33,6 +33,17 @@ def new_checkpoint(run: Path, name: str, keep_last: int):
     commit_checkpoint(tmp, root / name, Path(run), keep_last)
 
 
+def prepare_checkpoint(run: Path, name: str) -> Path:
+    """An empty temporary directory for checkpoint `name`, for writers that are several processes (sharded
+    training): process 0 prepares it, every process writes its part, process 0 commits it (`commit_checkpoint`)."""
+    root = Path(run) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp_{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
 def commit_checkpoint(tmp: Path, final: Path, run: Path, keep_last: int) -> Path:
     """Make a fully written checkpoint directory visible: rename it into place, then switch the run's `latest`
     pointer, then prune old ones. A crash at any point leaves `latest` naming a complete checkpoint."""

@@ -1,7 +1,9 @@
 """`lance-rl export RUN --out DIR`: a run's latest checkpoint as an official-layout model directory.
 
-A LoRA checkpoint is merged into its base model; a full checkpoint is copied (with its EMA weights when asked).
-The result loads in `lance-rl generate`, in the official inference code, and as `model.checkpoint` of a later recipe.
+A LoRA checkpoint is merged into its base model; a full checkpoint is copied (with its EMA weights when asked); a
+sharded one (train.strategy fsdp2, zero2, zero3) is gathered here, in one CPU process: the trained weights (or their
+EMA) from every process's shards, the frozen ones from the base checkpoint the run started from. The result loads in
+`lance-rl generate`, in the official inference code, and as `model.checkpoint` of a later recipe.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ def export(run: str | Path, out: str | Path, ema: bool = False) -> Path:
 
     ckpt = checkpoint_of(run)
     out = Path(out)
-    if (ckpt / "adapter").is_dir():
+    if (ckpt / "sharded").is_dir():
+        export_sharded(ckpt, out, ema)
+    elif (ckpt / "adapter").is_dir():
         from peft import PeftModel
 
         verify_safetensors(ckpt / "adapter" / "adapter_model.safetensors")
@@ -52,6 +56,31 @@ def export(run: str | Path, out: str | Path, ema: bool = False) -> Path:
     for path in sorted(out.rglob("*.safetensors")):
         verify_safetensors(path)
     return out
+
+
+def export_sharded(ckpt: Path, out: Path, ema: bool = False) -> Path:
+    """Gather a sharded checkpoint into the official layout: the base model in the run's precision, its trained
+    weights replaced by the gathered fp32 ones (the layout a ddp run writes: frozen weights in the run's precision,
+    trained ones fp32)."""
+    from lance_rl.distributed import read_sharded_weights
+    from lance_rl.model.checkpoint import load_lance, save_lance
+    from lance_rl.policy import PRECISIONS
+    from lance_rl.trainer import read_trainer_state
+
+    state = read_trainer_state(ckpt / "trainer_state.pt")
+    weights = read_sharded_weights(ckpt / "sharded", state["strategy"], ema=ema)
+    base = state["base"]
+    loaded = load_lance(base["checkpoint"], vit_dir=base["vit_dir"], dtype=PRECISIONS[base["precision"]])
+    params = dict(loaded.model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise KeyError(f"{ckpt}: trained weights the base model {base['checkpoint']} lacks: {unknown[:5]}")
+    for name, value in weights.items():
+        if value.shape != params[name].shape:
+            raise ValueError(f"{ckpt}: {name} has shape {tuple(value.shape)}, in the base model "
+                             f"{tuple(params[name].shape)}")
+        params[name].data = value.float()
+    return save_lance(loaded.model, loaded.tokenizer, out)
 
 
 def verify_safetensors(path: Path) -> None:

@@ -302,15 +302,23 @@ def plan_sft(cfg, gpus: int, gpu_memory_gb: float, headroom: float = 0.10, figur
             counts["generation_expert"] + counts["generation_heads"] if t.train_generation else 0)
         trainable += 0 if t.freeze_embeddings else counts["embeddings"]
     frozen = counts["total"] - trainable if not cfg.lora.enabled else counts["total"]
-    shard = gpus if strategy != "ddp" else 1
+    n = gpus
     layer_params = (counts["understanding_expert"] + counts["generation_expert"]) / config.num_hidden_layers
-    weights = {
-        "ddp": frozen * e + trainable * 4,
-        # FSDP2 / ZeRO-3: every parameter sharded; a layer's bf16 parameters gathered at a time (two in flight).
-        "fsdp2": (frozen * e + trainable * 4) / gpus + 2 * layer_params * e,
-        "zero3": (frozen * e + trainable * 4) / gpus + 2 * layer_params * e,
-        "zero2": frozen * e + trainable * 4,  # ZeRO-2 keeps whole parameters, shards gradients and optimizer
-    }[strategy]
+    root_unit = (counts["embeddings"] + counts["vit"]) * e  # FSDP2's root unit (embeddings, ViT), gathered in bf16
+    # lance_rl/distributed.py's engines: trainable weights have fp32 masters; DeepSpeed keeps bf16 working copies.
+    parts = {
+        "ddp": {"weights": frozen * e + trainable * 4, "gradients": trainable * 4, "optimizer (AdamW)": trainable * 8,
+                "EMA": trainable * 4, "gradient buckets": trainable * 4},
+        "fsdp2": {"weights": (frozen * e + trainable * 4) / n, "gathered layers and root": 2 * layer_params * e + root_unit,
+                  "gradients": trainable * 4 / n + layer_params * (e + 4), "optimizer (AdamW)": trainable * 8 / n,
+                  "EMA": trainable * 4 / n},
+        "zero2": {"weights": (frozen + trainable) * e + trainable * 4 / n, "gradients": trainable * (e + 4) / n,
+                  "optimizer (AdamW)": trainable * 8 / n, "EMA": trainable * 4 / n, "reduce buckets": 2 * GB},
+        "zero3": {"weights": (frozen + trainable) * e / n + trainable * 4 / n, "gathered layers": 2 * GB,
+                  "gradients": trainable * (e + 4) / n, "optimizer (AdamW)": trainable * 8 / n, "EMA": trainable * 4 / n},
+    }[strategy]  # fmt: skip
+    if t.ema_decay == 0:
+        parts["EMA"] = 0
     figure = figure or activation_figure(config, "t2i", precision, cfg.model.gradient_checkpointing,
                                          "lora" if cfg.lora.enabled else "generation", cfg.lora.rank, "cond_only")  # fmt: skip
     tokens = cfg.data.tokens_per_step
@@ -319,14 +327,7 @@ def plan_sft(cfg, gpus: int, gpu_memory_gb: float, headroom: float = 0.10, figur
         full = activation_figure(config, "t2i", precision, False, "lora" if cfg.lora.enabled else "generation",
                                  cfg.lora.rank, "cond_only")  # fmt: skip
         activations += tokens * full.per_target_token
-    process = {
-        "weights": weights,
-        "gradients": trainable * 4 / (gpus if strategy in ("fsdp2", "zero2", "zero3") else 1),
-        "optimizer (AdamW)": trainable * 8 / shard,
-        "EMA": trainable * 4 / shard if t.ema_decay > 0 else 0,
-        "VAE": vae_parameters(config.vae) * e,
-        f"activations ({tokens} tokens)": activations,
-    }
+    process = {**parts, "VAE": vae_parameters(config.vae) * e, f"activations ({tokens} tokens)": activations}
     roles = {f"process {i}": process for i in range(gpus)}
     result = _place(roles, [(name, 1.0) for name in roles], gpus, gpu_memory_gb, headroom)
     return result | {"recipe_kind": "sft", "strategy": strategy, "model": source, "precision": precision,

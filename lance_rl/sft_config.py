@@ -60,6 +60,9 @@ class TrainSection:
     ema_decay: float = 0.0  # 0 turns EMA off; the release uses 0.9999
     ema_warmup: bool = False  # False: the fixed decay from the first step (the release); True: Flow-GRPO's ramp
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (policy.py: what is bf16)
+    # How the model is spread over the processes (lance_rl/distributed.py): ddp replicates it; fsdp2 (torch
+    # fully_shard), zero2 and zero3 (DeepSpeed) shard it. Any of them runs with one process too.
+    strategy: Literal["ddp", "fsdp2", "zero2", "zero3"] = "ddp"
     device: str = "auto"
     seed: int = 0
 
@@ -92,6 +95,10 @@ class SFTConfig:
         if not self.lora.enabled and not (t.train_understanding or t.train_generation):
             raise RecipeError("nothing to train: lora.enabled is false and train.train_understanding and "
                               "train.train_generation are both false")  # fmt: skip
+        if self.lora.enabled and t.strategy != "ddp":
+            raise RecipeError(f"lora.enabled: true needs train.strategy: ddp, not {t.strategy}: the sharded strategies "
+                              "are for full fine-tuning, and LoRA (adapters of ~120 M parameters at 3B) fits one GPU "
+                              "per process with ddp")  # fmt: skip
 
     @property
     def trains(self) -> str:
@@ -104,7 +111,15 @@ class SFTConfig:
 
 
 def check_before_loading(cfg: SFTConfig) -> None:
-    """Inputs exist before any work starts: the checkpoint is a Lance directory and every dataset path exists."""
+    """Inputs exist before any work starts: the checkpoint is a Lance directory and every dataset path exists; an
+    `accelerate launch` config that names a strategy names the recipe's."""
+    from lance_rl.distributed import launched_strategy
+
+    launched = launched_strategy()
+    if launched is not None and launched != cfg.train.strategy:
+        raise RecipeError(f"train.strategy is {cfg.train.strategy}, but accelerate launch was given a {launched} "
+                          f"config: set train.strategy={launched}, or launch with "
+                          f"recipes/accelerate/{cfg.train.strategy}.yaml")  # fmt: skip
     if not (Path(cfg.model.checkpoint) / "llm_config.json").is_file():
         raise RecipeError(f"model.checkpoint: {cfg.model.checkpoint} is not a Lance checkpoint (no llm_config.json)")
     for i, d in enumerate(cfg.data.datasets):

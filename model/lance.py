@@ -98,7 +98,6 @@ class LanceModel(nn.Module):
         answer tokens; `noise` [N_vae_tokens, C] fixes eps (drawn with torch.randn otherwise).
         """
         n = len(batch)
-        dtype = self.vae2llm.weight.dtype
         device = batch.input_ids.device
 
         # 1. text tokens through embed_tokens; visual positions are overwritten below.
@@ -109,11 +108,14 @@ class LanceModel(nn.Module):
             h = h.index_copy(0, batch.vit_index, self.encode_vit(batch.vit_patches, batch.vit_grid_thw).to(h.dtype))
 
         # 3. VAE tokens: noise the clean latents to each token's t.
-        x0 = batch.vae_latents.to(dtype).reshape(-1, self.config.latent_channels)
+        # The flow target and the noising in fp32 whatever the weights' dtype, so every strategy and precision trains
+        # toward the same target; only the model's input is cast.
+        x0 = batch.vae_latents.float().reshape(-1, self.config.latent_channels)
         if noise is None:
             noise = torch.randn_like(x0)
-        t = batch.vae_timesteps.to(dtype)
-        x_t = (1 - t[:, None]) * x0 + t[:, None] * noise.to(dtype)
+        noise = noise.float()
+        t = batch.vae_timesteps.float()
+        x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
         if batch.vae_index.numel():
             h = h.index_copy(0, batch.vae_index, self.embed_latents(x_t, t, batch.vae_position_ids).to(h.dtype))
 

@@ -64,6 +64,7 @@ def pack(
     tokens_per_second: int = 2,
     max_latent_size: int = 64,
     mape: bool = True,
+    latent_channels: int = 48,
 ) -> PackedBatch:
     """Concatenate samples into one packed batch (positions are computed per sample, as the release does)."""
     if len(plans) != len(media):
@@ -140,7 +141,7 @@ def pack(
         vit_patches=torch.cat(vit_patches) if vit_patches else None,
         vit_grid_thw=torch.stack(vit_grids) if vit_grids else torch.zeros(0, 3, dtype=torch.long),
         vae_index=cat(vae_index),
-        vae_latents=cat(latents, torch.float32, width=latents[0].shape[-1] if latents else 0),
+        vae_latents=cat(latents, torch.float32, width=latents[0].shape[-1] if latents else latent_channels),
         vae_timesteps=cat(timesteps, torch.float32),
         vae_position_ids=cat(vae_pos),
         mse_mask=cat(mse_mask, torch.bool),

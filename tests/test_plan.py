@@ -71,3 +71,13 @@ def test_a_plan_that_does_not_fit_says_so(capsys):
     assert main(args) == 1
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "verdict: does not fit" in out
+
+
+@pytest.mark.parametrize("strategy, fits", [("fsdp2", True), ("zero3", True), ("ddp", False)])
+def test_full_sft_of_both_experts_on_8_gpus(strategy, fits, capsys):
+    """Full fine-tuning of both experts (5.55 B trainable) fits 80 GB per GPU when sharded, not as DDP replicas."""
+    args = ["plan", str(ROOT / "recipes/lance-3b/sft_parquet.yaml"), f"train.strategy={strategy}", "--gpus", "8", "--json"]
+    assert main(args) == (0 if fits else 1)
+    result = json.loads(capsys.readouterr().out)
+    assert result["fits"] is fits and result["strategy"] == strategy
+    assert result["trainable_parameters"] == 5_554_487_344

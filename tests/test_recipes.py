@@ -38,9 +38,25 @@ def check_rewards(spec: dict, where: str) -> None:
             assert takes_any or key in params, f"{where}: reward {name} does not take {key!r} (takes {list(params)})"
 
 
-def test_the_accelerate_config_is_data_parallel():
-    config = yaml.safe_load((ROOT / "recipes" / "accelerate" / "ddp.yaml").read_text())
-    assert config["distributed_type"] == "MULTI_GPU" and config["mixed_precision"] == "no"
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero2", "zero3"])
+def test_each_accelerate_config_launches_its_strategy(strategy, monkeypatch):
+    """accelerate reads the file as `accelerate launch` does (no GPU needed to prepare the environment); the trainer
+    reads the strategy the launch announces from that environment (ddp.yaml announces none: a plain launch)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    from lance_rl.distributed import launched_strategy
+
+    path = ROOT / "recipes" / "accelerate" / f"{strategy}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "lance_rl.cli", "sft"])
+    args, _, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ""
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    assert launched_strategy(env) == (None if strategy == "ddp" else strategy)
+    assert yaml.safe_load(path.read_text())["mixed_precision"] == "no"  # the recipe's train.precision decides
 
 
 def test_there_are_recipes():

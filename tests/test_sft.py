@@ -133,7 +133,7 @@ def test_malformed_recipes_fail_before_any_work_naming_the_field(world, tmp_path
 
 @pytest.mark.timeout(300)
 def test_two_process_data_parallel_sft_runs_and_resumes(world, tmp_path):
-    """Two CPU processes under torchrun (gloo DDP through accelerate): both train on their own data, process 0 writes,
+    """Two CPU processes under torchrun (torch DDP on gloo, lance_rl/distributed.py): both train on their own data, process 0 writes,
     a resume continues. On GPUs the same code runs under `accelerate launch --config_file recipes/accelerate/ddp.yaml`."""
     import subprocess
     import sys
