@@ -1,4 +1,4 @@
-"""lance_rl/data/datasets.py: official parquet schemas, manifests, converters, skip accounting and exact resume.
+"""lance_rl/data/ (schema.py, datasets.py, convert.py): official parquet schemas, manifests, converters, skip accounting and exact resume.
 
 All data is built in tmp dirs: tiny PNGs and 9-frame MP4 clips from the shapes world.
 """
@@ -14,16 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from lance_rl.data import shapes
-from lance_rl.data.datasets import (
-    Example,
-    ManifestDataset,
-    MixedDataset,
-    ParquetDataset,
-    detect_dataset_type,
-    manifest_to_parquet,
-    open_dataset,
-    parquet_to_manifest,
-)
+from lance_rl.data.convert import manifest_to_parquet, parquet_to_manifest
+from lance_rl.data.datasets import ManifestDataset, MixedDataset, ParquetDataset, open_dataset
+from lance_rl.data.schema import Example, detect_dataset_type
 from lance_rl.model.media import write_mp4
 
 
