@@ -102,6 +102,7 @@ def activation_figure(config, task: str, precision: str, checkpointing: bool, tr
     from lance_rl.model.config import TINY_VISION
     from lance_rl.model.tasks import is_edit
 
+    lora_rank = lora_rank if trains == "lora" else 0  # the rank matters to LoRA only
     key = json.dumps([config.hidden_size, config.intermediate_size, config.num_attention_heads,
                       config.num_key_value_heads, task, precision, checkpointing, trains, lora_rank, cfg_grad])
     cache = _figure_cache()
