@@ -45,6 +45,9 @@ class FlowGRPO:
         self.recipe = recipe
         self.cfg = recipe.cfg.algorithm
 
+    def start(self) -> None:
+        """Called once the policy is built (before any rollout)."""
+
     # ---------------------------------------------------------------- rollouts
     def sampler(self, sampler, update: int, rng):
         """The update's SamplerConfig: a random window of `window_size` steps inside `window_range` (Flow-GRPO-Fast)
@@ -183,9 +186,8 @@ class DiffusionNFT(FlowGRPO):
 
     name = "diffusion_nft"
 
-    def __init__(self, recipe):
-        super().__init__(recipe)
-        self.old = {n: p.detach().clone() for n, p in recipe.trainable.items()}
+    def start(self) -> None:
+        self.old = {n: p.detach().clone() for n, p in self.recipe.trainable.items()}
 
     def sampler(self, sampler, update: int, rng):
         return dataclasses.replace(sampler, kind="ode", sde_window=None, record_means=False)

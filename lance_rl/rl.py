@@ -54,6 +54,7 @@ class RLRecipe:
         self.cfg, self.resume = cfg, resume
         # One guidance setting for the rollouts, the update and the evaluation.
         self.cfg_guidance = CFGConfig(scale=cfg.sampler.cfg_scale, interval=tuple(cfg.sampler.cfg_interval))
+        self.algorithm = ALGORITHMS[cfg.algorithm.name](self)  # the update's loss and how rollouts sample
         self.out = Path(cfg.output_dir)
         self.update = 0
         self.metrics = None
@@ -89,7 +90,7 @@ class RLRecipe:
         # Full training's KL reference: the initial trainable weights, swapped in when needed (no second model).
         self.reference_weights = frozen_copy(self.trainable, self.precision) if a.beta > 0 and not self.policy.is_lora else None
         self.ema = EMA(self.trainable, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
-        self.algorithm = ALGORITHMS[a.name](self)
+        self.algorithm.start()
         steps = t.updates * a.inner_epochs * a.minibatches
         self.optimizer, self.scheduler = build_optimizer(list(self.trainable.values()), c.optim, steps)
         # Reward models where scoring happens: rank 0 in split mode (it scores every group), every rank colocated.
