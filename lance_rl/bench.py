@@ -12,6 +12,7 @@ memory: the activation bytes one update micro-batch saves for backward, counted 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import tempfile
@@ -215,8 +216,6 @@ def bench_memory(layers: int = 2, shapes: list[str] | None = None, rows: int = 1
                  precisions: tuple[str, ...] = ("fp32", "bf16"), **_) -> dict:  # fmt: skip
     """Measured activation bytes per token per layer at the released widths, with and without checkpointing, in fp32
     and bf16, for each recipe shape; plus the exact parameter counts of the full 36-layer model."""
-    import dataclasses
-
     from lance_rl.model.config import TINY_VISION, lance_3b
     from lance_rl.plan import activation_figure, parameter_bytes
 
@@ -250,7 +249,77 @@ def bench_memory(layers: int = 2, shapes: list[str] | None = None, rows: int = 1
     }  # fmt: skip
 
 
-BENCHMARKS = {"rollout": bench_rollout, "train": bench_train, "memory": bench_memory}
+# ------------------------------------------------------------------------------------------------ weight sync
+class _Sink:
+    """A Ray actor holding tensors of the synced shapes, loading buckets as a rollout worker does."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        torch.set_num_threads(1)
+        self.params = {n: torch.nn.Parameter(torch.zeros(s), requires_grad=False) for n, s in shapes.items()}
+        self.dtypes = {n: torch.float32 for n in shapes}
+
+    def load_bucket(self, bucket: dict) -> None:
+        from lance_rl.policy import load_trainable_state
+        from lance_rl.rollout import from_bucket
+
+        load_trainable_state(self.params, from_bucket(bucket, self.dtypes))
+
+    def set_version(self, version: int) -> int:
+        return version
+
+
+def _sync_shapes(config, rank: int | None, layers: int) -> dict[str, tuple[int, ...]]:
+    """Exact shapes of what a sync moves at the config's widths: LoRA adapters of `rank` on the generation expert,
+    or (rank None) the full generation expert, for the first `layers` decoder layers."""
+    import re
+
+    from lance_rl.model.lance import LanceModel
+    from lance_rl.policy import lora_target_regex
+
+    small = dataclasses.replace(config, num_hidden_layers=layers, vision_config=None, vocab_size=640)
+    with torch.device("meta"):
+        model = LanceModel(small)
+    if rank is None:
+        return {n: tuple(p.shape) for n, p in model.named_parameters() if "_moe_gen" in n}
+    pattern = re.compile(lora_target_regex("generation"))
+    shapes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and pattern.fullmatch(name):
+            shapes[f"{name}.lora_A"], shapes[f"{name}.lora_B"] = (rank, m.in_features), (m.out_features, rank)
+    return shapes
+
+
+def bench_sync(layers: int = 4, bucket_mb: float = 512.0, **_) -> dict:
+    """Bytes and seconds per weight sync to one Ray worker at the released widths (CPU, local object store): LoRA r64
+    on the generation expert, and the full generation expert, measured on `layers` decoder layers and scaled to 36."""
+    from lance_rl.model.config import lance_3b
+    from lance_rl.rollout import init_ray, send_weights
+
+    import ray
+
+    init_ray(None)
+    config = lance_3b()
+    rows = {}
+    for label, rank in (("lora_r64", 64), ("generation_expert", None)):
+        shapes = _sync_shapes(config, rank, layers)
+        state = {n: torch.randn(s) for n, s in shapes.items()}
+        sink = ray.remote(num_cpus=0.25)(_Sink).remote(shapes)
+        ray.get(sink.set_version.remote(0))  # the actor is up before the clock starts
+        started = time.perf_counter()
+        moved = send_weights(state, [sink], 1, int(bucket_mb * 2**20))
+        seconds = time.perf_counter() - started
+        scale = config.num_hidden_layers / layers
+        rows[label] = {"measured_layers": layers, "measured_bytes": moved["bytes"], "buckets": moved["buckets"],
+                       "measured_s": round(seconds, 3), "bytes_at_36_layers": int(moved["bytes"] * scale),
+                       "seconds_at_36_layers": round(seconds * scale, 2),
+                       "gb_per_s": round(moved["bytes"] / seconds / 1e9, 2)}  # fmt: skip
+        ray.kill(sink)
+        del state
+    return {"benchmark": "sync", "bucket_mb": bucket_mb, **rows,
+            "machine": f"{platform.machine()}, cpu, local Ray object store, torch {torch.__version__}"}
+
+
+BENCHMARKS = {"rollout": bench_rollout, "train": bench_train, "memory": bench_memory, "sync": bench_sync}
 
 
 def run(names: list[str], out: str | None = None, **kwargs) -> list[dict]:

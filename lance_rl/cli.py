@@ -297,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("bench", help="throughput benchmarks (ratios measured in one run) and memory (bytes counted)")
-    p.add_argument("names", nargs="*", help="benchmarks to run: rollout, train, memory (default: rollout and train)")
-    p.add_argument("--layers", type=int, default=2, help="memory: decoder layers at the released widths")
+    p.add_argument("names", nargs="*", help="benchmarks to run: rollout, train, memory, sync (default: rollout and train)")
+    p.add_argument("--layers", type=int, default=2, help="memory, sync: decoder layers at the released widths")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: a fresh tiny one)")
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)

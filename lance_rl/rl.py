@@ -330,7 +330,6 @@ class RLRecipe:
         rewards (raw, no normalisation) and the gold rewards, with the reward-hacking signals; writes a sample grid."""
         from lance_rl.diagnostics import signals
         from lance_rl.model.sampling import SamplerConfig
-        from lance_rl.rollout import rollout_group
 
         e, p = self.cfg.eval, self.cfg.prompts
         requests = [RolloutRequest(request_id=i, prompt_index=i, prompt=r["prompt"], task=p.task, grid=self.inputs.grid,
@@ -338,11 +337,7 @@ class RLRecipe:
                                    source=r.get("source"), resolution=max(p.height, p.width))
                     for i, r in enumerate(self.inputs.eval_prompts)]  # fmt: skip
         sampler = SamplerConfig(num_steps=e.num_steps, shift=self.cfg.sampler.shift, kind="ode", cfg=self.cfg_guidance)
-        was_training = self.policy.module.training
-        self.policy.module.eval()
-        with self.ema.swapped_in(self.trainable) if self.ema is not None else contextlib.nullcontext():
-            results = [rollout_group(self.policy, r, sampler, self.update) for r in requests]
-        self.policy.module.train(was_training)
+        results = self._sample_for_evaluation(requests, sampler)
         batches = [self._reward_batch(res, req) for res, req in zip(results, requests)]
         batch = {k: [x for b in batches for x in b[k]] for k in batches[0]}
         row: dict = {}
@@ -361,6 +356,26 @@ class RLRecipe:
         row |= {f"eval/signals/{k}": v for k, v in signals(first_frames, e.samples_per_prompt).items()}
         self._write_eval(np.stack(first_frames), batch["prompts"], scores, row)
         return row
+
+    def _sample_for_evaluation(self, requests, sampler) -> list:
+        """The evaluated weights (EMA when kept) sample on the rollout workers in split mode, then the workers get
+        the training weights back; colocated, the trainer samples with them swapped in."""
+        from lance_rl.rollout import rollout_group
+
+        weights = self.ema.weights() if self.ema is not None else None
+        if self.cfg.rollout.num_workers > 0:
+            if weights is not None:
+                self.rollout.set_weights(self.policy, self.update, weights)
+            results = sorted(self.rollout.stream(requests, sampler), key=lambda r: r.request_id)
+            if weights is not None:
+                self.sync = self._sync()
+            return results
+        was_training = self.policy.module.training
+        self.policy.module.eval()
+        with self.ema.swapped_in(self.trainable) if self.ema is not None else contextlib.nullcontext():
+            results = [rollout_group(self.policy, r, sampler, self.update) for r in requests]
+        self.policy.module.train(was_training)
+        return results
 
     def _write_eval(self, frames, prompts, scores, row) -> None:
         from lance_rl.curves import save_sample_grid

@@ -5,8 +5,8 @@ The seam between the trainer and its workers is typed: a `RolloutRequest` (one p
 and the update's `SamplerConfig` go out; a `RolloutResult` comes back with, per member, the states entering and
 leaving every recorded step, their log-probabilities, the decoded media (uint8), and the weights version it was
 sampled with. The trainer checks that version, so a result sampled before the latest sync is refused, never trained
-on. Workers build the same `Policy` as the trainer and receive only the trainable weights after each update, in
-buckets of bounded size (a LoRA adapter is megabytes; a full generation expert is sent a bucket at a time).
+on. Workers build the same `Policy` as the trainer and receive only the trainable weights after each update, one
+bucket of bounded size at a time (a LoRA adapter is megabytes; a full generation expert is 11 GB in fp32).
 """
 
 from __future__ import annotations
@@ -132,6 +132,20 @@ def from_bucket(bucket: dict[str, np.ndarray], dtypes: dict[str, torch.dtype]) -
     return out
 
 
+def send_weights(state: dict[str, torch.Tensor], workers: list, version: int, bucket_bytes: int) -> dict:
+    """Stream `state` to Ray actors (methods `load_bucket`, `set_version`) one bucket at a time, then switch their
+    version; returns the bytes and buckets moved."""
+    import ray
+
+    buckets = to_buckets(state, bucket_bytes)
+    for bucket in buckets:
+        ref = ray.put(bucket)  # one copy in the object store, read by every worker
+        ray.get([w.load_bucket.remote(ref) for w in workers])
+        del ref
+    ray.get([w.set_version.remote(version) for w in workers])
+    return {"bytes": sum(a.nbytes for b in buckets for a in b.values()), "buckets": len(buckets)}
+
+
 # ------------------------------------------------------------------------------------------------ colocated
 class LocalRollout:
     """The trainer's own policy samples (one GPU, or this CPU without Ray): always the current weights."""
@@ -174,11 +188,11 @@ class _Worker:
         self.dtypes = {n: p.dtype for n, p in self.params.items()}
         self.version = 0
 
-    def set_weights(self, version: int, bucket_refs: list) -> int:
-        import ray
+    def load_bucket(self, bucket: dict) -> None:
+        load_trainable_state(self.params, from_bucket(bucket, self.dtypes))
 
-        for ref in bucket_refs:  # one bucket in memory at a time
-            load_trainable_state(self.params, from_bucket(ray.get(ref), self.dtypes))
+    def set_version(self, version: int) -> int:
+        """Called after the last bucket of a sync: from now on results carry this version."""
         self.version = version
         return version
 
@@ -203,7 +217,7 @@ class RayRollout:
         self.actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_Worker)
         self.workers = [self._spawn() for _ in range(num_workers)]
         self.bucket_bytes = int(bucket_mb * 2**20)
-        self.bucket_refs: list = []
+        self.last_sync: dict | None = None  # the weights of the last sync, to bring a replacement worker up to date
         self.version = 0
         self.replaced = 0
 
@@ -211,14 +225,16 @@ class RayRollout:
         return self.actor_cls.remote(self.spec)
 
     def set_weights(self, policy: Policy, version: int, weights: dict | None = None) -> dict:
-        """Send the trainable weights (LoRA only with LoRA), or `weights` of the same names, to every worker in
-        buckets; returns what moved."""
+        """Send the trainable weights (LoRA only with LoRA), or `weights` of the same names, to every worker, one
+        bucket at a time: the object store and each worker hold at most one bucket of `rollout.sync_bucket_mb`
+        beyond the weights themselves (a full generation expert is 11 GB in fp32). Returns what moved."""
         state = weights if weights is not None else {n: p.detach() for n, p in policy.trainable.items()}
-        buckets = to_buckets(state, self.bucket_bytes)
-        self.bucket_refs = [self.ray.put(b) for b in buckets]  # one copy in the object store, read by every worker
-        self.ray.get([w.set_weights.remote(version, self.bucket_refs) for w in self.workers])
-        self.version = version
-        return {"bytes": sum(a.nbytes for b in buckets for a in b.values()), "buckets": len(buckets)}
+        moved = self._send(state, self.workers, version)
+        self.last_sync, self.version = state, version
+        return moved
+
+    def _send(self, state: dict, workers: list, version: int) -> dict:
+        return send_weights(state, workers, version, self.bucket_bytes)
 
     def stream(self, requests: list[RolloutRequest], sampler) -> Iterator[RolloutResult]:
         pending = {}  # ObjectRef -> (worker index, request)
@@ -243,8 +259,8 @@ class RayRollout:
         log.warning("rollout worker %d died (%s); replacing it and redoing its requests", i, type(error).__name__)
         self.workers[i] = self._spawn()
         self.replaced += 1
-        if self.bucket_refs:
-            self.ray.get(self.workers[i].set_weights.remote(self.version, self.bucket_refs))
+        if self.last_sync is not None:
+            self._send(self.last_sync, [self.workers[i]], self.version)
 
     def close(self) -> None:
         for w in self.workers:
