@@ -378,19 +378,12 @@ class RLRecipe:
         return results
 
     def _write_eval(self, frames, prompts, scores, row) -> None:
-        from lance_rl.curves import save_sample_grid
+        from lance_rl.curves import save_eval
 
-        folder = self.out / "eval"
-        folder.mkdir(parents=True, exist_ok=True)
-        png = save_sample_grid(frames, [f"{s:.2f}" if s is not None else "-" for s in scores],
-                               folder / f"update_{self.update:05d}.png")  # fmt: skip
-        record = {"update": self.update, **row, "prompts": prompts, "scores": scores}
-        (folder / f"update_{self.update:05d}.json").write_text(json.dumps(record) + "\n")
+        grid, caption = save_eval(self.out / "eval", self.update, frames, prompts, scores, row,
+                                  self.cfg.eval.samples_per_prompt)  # fmt: skip
         if self.metrics is not None:
-            from PIL import Image
-
-            caption = "; ".join(f"{i}: {p} ({s:.2f})" if s is not None else f"{i}: {p}" for i, (p, s) in enumerate(zip(prompts, scores)))
-            self.metrics.image("eval/samples", np.asarray(Image.open(png).convert("RGB")), self.update, caption)
+            self.metrics.image("eval/samples", grid, self.update, caption)
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:

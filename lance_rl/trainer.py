@@ -82,6 +82,7 @@ class MetricsLog:
         self._started, self._first = time.time(), resume_at or 0
         if not enabled:
             return
+        self.run.mkdir(parents=True, exist_ok=True)
         if resume_at is not None and self.path.is_file():
             self._truncate_after(resume_at)
         self.file = self.path.open("a")
@@ -90,7 +91,10 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ImportError("logging.tensorboard needs the tensorboard package: pip install 'lance-rl[tensorboard]'") from e
-            self.tb = SummaryWriter(str(self.run / "tensorboard"))
+            # A resumed run hides what the killed one logged past its checkpoint (purge_step), as metrics.jsonl drops
+            # those rows: one point per index, the resumed run's.
+            purge = resume_at + 1 if resume_at is not None else None
+            self.tb = SummaryWriter(str(self.run / "tensorboard"), purge_step=purge)
         if logging_cfg.wandb is not None:
             self.wandb = _start_wandb(self.run, logging_cfg.wandb, config)
 
@@ -123,7 +127,7 @@ class MetricsLog:
             return
         if self.tb is not None:
             self.tb.add_image(tag, image, step, dataformats="HWC")
-            self.tb.add_text(f"{tag}/caption", caption, step)
+            self.tb.add_text(f"{tag}/caption", caption.replace("\n", "  \n"), step)  # Markdown: a line per sample
             self.tb.flush()
         if self.wandb is not None:
             import wandb
@@ -150,6 +154,8 @@ class MetricsLog:
 
 
 def _start_wandb(run: Path, w, config: dict):
+    import uuid
+
     try:
         import wandb
     except ImportError as e:
@@ -157,7 +163,7 @@ def _start_wandb(run: Path, w, config: dict):
     run.mkdir(parents=True, exist_ok=True)
     id_file = run / "wandb_id.txt"  # the same W&B run continues when this run resumes
     if not id_file.is_file():
-        id_file.write_text(wandb.util.generate_id() + "\n")
+        id_file.write_text(uuid.uuid4().hex[:12] + "\n")  # wandb.util.generate_id is not in wandb 0.31
     return wandb.init(project=w.project, name=w.name or run.name, mode=w.mode, dir=str(run), config=config,
                       id=id_file.read_text().strip(), resume="allow")  # fmt: skip
 

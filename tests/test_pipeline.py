@@ -40,9 +40,11 @@ def test_pipeline_runs_both_stages_resumes_and_reports(tmp_path, shapes16):
     assert len((run / "rl" / "metrics.jsonl").read_text().splitlines()) == 3
     assert len((run / "sft" / "metrics.jsonl").read_text().splitlines()) == 3
 
-    # The report embeds every chart and the evaluation grids.
+    # The report embeds every chart and sample, and its headline is the first and last evaluation.
     page = (run / "report.html").read_text()
     images = re.findall(r"<img src='data:image/png;base64,", page)
-    assert "Training reward" in page and "SFT loss" in page and "Held-out evaluation reward" in page
-    assert len(images) >= 8 and "update_00002" in page
+    assert "Training reward" in page and "SFT loss" in page and "Held-out proxy reward" in page
+    assert len(images) >= 8 + 2 * 4  # charts, and the 2 prompts x 2 samples of the first and last evaluation
+    for when, row in (("before", rl_rows[0]), ("after", rl_rows[-1])):
+        assert f"data-key='eval/reward/mean' data-when='{when}' data-value='{row['eval/reward/mean']!r}'" in page
     assert result["report"].endswith("report.html")
