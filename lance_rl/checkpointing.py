@@ -24,13 +24,9 @@ def write_atomic(path: Path, text: str) -> None:
 def new_checkpoint(run: Path, name: str, keep_last: int):
     """A temporary directory to write checkpoint `name` into; on leaving the block it is committed (renamed into
     place, `latest` switched, older ones pruned). An exception inside leaves `latest` as it was."""
-    root = Path(run) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp_{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = prepare_checkpoint(run, name)
     yield tmp
-    commit_checkpoint(tmp, root / name, Path(run), keep_last)
+    commit_checkpoint(tmp, tmp.parent / name, Path(run), keep_last)
 
 
 def prepare_checkpoint(run: Path, name: str) -> Path:
