@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lance_rl.config import load_recipe, to_dict
 from lance_rl.algorithms import ALGORITHMS
+from lance_rl.config import load_recipe, to_dict
 from lance_rl.grpo import group_advantages
 from lance_rl.rl_config import RLConfig, check_before_loading
 from lance_rl.rollout import RolloutRequest, RolloutResult, StaleRollout
@@ -66,7 +66,6 @@ class RLRecipe:
         from lance_rl.policy import EMA, PolicySpec, build_policy, frozen_copy
         from lance_rl.rewards.mix import build_mix
         from lance_rl.rewards.runner import RewardRunner
-
         from lance_rl.trainer_group import TrainerGroup
 
         c, t, a = self.cfg, self.cfg.train, self.cfg.algorithm
@@ -76,7 +75,8 @@ class RLRecipe:
                                     else f"cuda:{self.group.local_rank}")  # fmt: skip
         self.precision = resolve_precision(t.precision, self.device)
         scores_here = self.group.main or c.rollout.num_workers == 0  # colocated: every rank scores its own groups
-        if (c.rollout.num_workers > 0 and self.group.main) or (scores_here and (_uses_ray(c.rewards) or _uses_ray(c.eval.gold_rewards))):
+        drives_workers = c.rollout.num_workers > 0 and self.group.main
+        if drives_workers or (scores_here and (_uses_ray(c.rewards) or _uses_ray(c.eval.gold_rewards))):
             from lance_rl.rollout import init_ray
 
             # First, so reward actors and rollout workers join the same cluster; the trainers' GPUs stay theirs.
