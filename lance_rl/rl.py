@@ -300,23 +300,26 @@ class RLRecipe:
                "sync/bytes": self.sync["bytes"], "sync/buckets": self.sync["buckets"]}  # fmt: skip
         if self.ema is not None:
             row["ema_decay"] = self.ema.decay
-        for name in scored[0].details if scored else ():  # this rank's groups' reward details
-            values = [v for out in scored for v in out.details.get(name, []) if isinstance(v, (int, float)) and v is not None]
-            if values:
-                row[f"rewards/{name}/mean"], row[f"rewards/{name}/std"] = float(np.mean(values)), float(np.std(values))
-        if stats["ratio"]:
-            ratio, log_ratio = torch.cat(stats["ratio"]), torch.cat(stats["log_ratio"])
-            row |= {"policy_loss": float(torch.cat(stats["policy_loss"]).mean()),
-                    "approx_kl": float(0.5 * (log_ratio**2).mean()), "clip_frac": float(torch.cat(stats["clipped"]).float().mean()),
-                    "ratio/mean": float(ratio.mean()), "ratio/std": float(ratio.std(unbiased=False)),
-                    "ratio/max_abs_dev": float((ratio - 1).abs().max())}  # fmt: skip
-            for i, rs in stats["ratio_by_step"].items():
-                row[f"ratio/step_{i}/mean"] = float(torch.cat(rs).mean())
-        for key in ("kl", "kl_exact", "nft_positive", "nft_negative"):
-            if stats[key]:
-                row[key] = float(torch.cat(stats[key]).mean())
-        if stats["policy_loss"] and "policy_loss" not in row:
-            row["policy_loss"] = float(torch.cat(stats["policy_loss"]).mean())
+        # Per-sample values of this rank's groups, summarised over every rank's (rank 0 writes the row).
+        values = {f"rewards/{name}": torch.tensor([float(v) for out in scored for v in out.details.get(name, [])
+                                                   if isinstance(v, (int, float)) and not isinstance(v, bool)])
+                  for out in scored for name in out.details}  # fmt: skip
+        values |= {key: torch.cat(stats[key]).float() for key in ("policy_loss", "kl", "kl_exact", "ratio", "clipped",
+                                                                   "nft_positive", "nft_negative") if stats[key]}  # fmt: skip
+        if stats["log_ratio"]:
+            values["approx_kl"] = 0.5 * torch.cat(stats["log_ratio"]).float() ** 2
+        values |= {f"ratio/step_{i}": torch.cat(rs).float() for i, rs in stats["ratio_by_step"].items()}
+        summary = self.group.summarize(values)
+        for name, s in summary.items():
+            if name.startswith("rewards/"):
+                row[f"{name}/mean"], row[f"{name}/std"] = s["mean"], s["std"]
+            elif name.startswith("ratio/step_"):
+                row[f"{name}/mean"] = s["mean"]
+            elif name == "ratio":
+                row |= {"ratio/mean": s["mean"], "ratio/std": s["std"],
+                        "ratio/max_abs_dev": max(s["max"] - 1, 1 - s["min"])}  # fmt: skip
+            else:
+                row["clip_frac" if name == "clipped" else name] = s["mean"]
         for stage, seconds in timing.items():
             row[f"timing/{stage}"] = seconds
         for stage in ("rollout", "update", "sync"):

@@ -73,6 +73,48 @@ class TrainerGroup:
             torch.distributed.all_reduce(present)
         return torch.where(present > 0, values, torch.full_like(values, float("nan"))).reshape(-1)
 
+    def summarize(self, values: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        """{name: {mean, std, count, max, min}} over every rank's values of each name (a name any rank has), so the
+        logged statistics are those of the whole update, not of rank 0's share."""
+        names = self._all_names(sorted(values))
+        sums, extremes = [], []
+        for name in names:
+            x = values.get(name, torch.zeros(0)).detach().double().reshape(-1)
+            empty = x.numel() == 0
+            sums.append([x.sum(), (x * x).sum(), x.numel()])
+            extremes.append([-torch.inf if empty else x.max(), -torch.inf if empty else -x.min()])
+        sums_t = torch.tensor(sums, dtype=torch.float64).reshape(-1, 3)
+        extremes_t = torch.tensor(extremes, dtype=torch.float64).reshape(-1, 2)
+        if self.world > 1:
+            torch.distributed.all_reduce(sums_t)
+            torch.distributed.all_reduce(extremes_t, op=torch.distributed.ReduceOp.MAX)
+        out = {}
+        for name, (total, squares, count), (high, neg_low) in zip(names, sums_t.tolist(), extremes_t.tolist()):
+            if count > 0:
+                mean = total / count
+                out[name] = {"mean": mean, "std": max(squares / count - mean * mean, 0.0) ** 0.5, "count": count,
+                             "max": high, "min": -neg_low}  # fmt: skip
+        return out
+
+    def _all_names(self, names: list[str]) -> list[str]:
+        """The sorted union of every rank's names (sent as padded UTF-8 bytes, no pickle)."""
+        if self.world == 1:
+            return names
+        encoded = torch.tensor(list("\n".join(names).encode()), dtype=torch.uint8)
+        length = torch.tensor([encoded.numel()], dtype=torch.int64)
+        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        torch.distributed.all_gather(lengths, length)
+        longest = int(max(n.item() for n in lengths))
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: encoded.numel()] = encoded
+        gathered = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world)]
+        torch.distributed.all_gather(gathered, padded)
+        union = set()
+        for buffer, n in zip(gathered, lengths):
+            text = bytes(buffer[: int(n.item())].tolist()).decode()
+            union |= set(text.split("\n")) if text else set()
+        return sorted(union)
+
     # ---------------------------------------------------------------- split mode: rank 0 sends each rank its groups
     FIELDS = ("x_t", "x_next", "log_probs", "timesteps", "latents", "means")
 

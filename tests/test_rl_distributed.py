@@ -1,6 +1,7 @@
 """Data-parallel RL: two trainer ranks under torchrun (gloo on this CPU) make the update one rank makes, colocated
 and with a Ray rollout worker, and a stopped run resumes on both ranks."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +34,16 @@ def adapter(run: Path, update: int) -> dict[str, torch.Tensor]:
 
 
 def assert_same(a: dict, b: dict) -> None:
+    """Equal up to summation order: the ranks' gradients are summed in another order than one process sums them,
+    and Adam's first steps magnify those float32 differences where a gradient nearly cancels; 1e-4 is 3% of one
+    step at lr 3e-3, far below what an update moves (checked in the test)."""
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3, msg=key)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.timeout(900)
@@ -47,6 +55,12 @@ def test_two_trainer_ranks_make_the_one_rank_update(tmp_path, sft_tiny, workers)
     launch(1, args(tmp_path / "one", "train.updates=2"), port)
     launch(2, args(tmp_path / "two", "train.updates=2"), port)
     assert_same(adapter(tmp_path / "one", 2), adapter(tmp_path / "two", 2))
+    moved = max(float((adapter(tmp_path / "one", 2)[k] - w).abs().max()) for k, w in adapter(tmp_path / "one", 1).items())
+    assert moved > 1e-3
+    # Rank 0 logs the whole update's statistics (every rank's groups), not its own share.
+    for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        for key in ("reward/mean", "rewards/jpeg_incompressibility/mean", "ratio/mean", "policy_loss", "approx_kl"):
+            assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key
     # A run stopped after its first update resumes on both ranks and reaches the same weights.
     launch(2, args(tmp_path / "resumed", "train.updates=1"), port)
     launch(2, args(tmp_path / "resumed", "train.updates=2"), port, resume=True)
