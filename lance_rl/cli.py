@@ -100,6 +100,19 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _rl(args: argparse.Namespace) -> int:
+    from lance_rl.model.tasks import is_understanding
+    from lance_rl.x2t import recipe_task
+
+    task = recipe_task(args.config, args.overrides)
+    if task is not None and is_understanding(task):  # x2t recipes: GRPO on the understanding expert with TRL
+        from lance_rl.x2t import recipe_main as x2t_main
+
+        last = x2t_main(args.config, args.overrides, resume=args.resume)
+        accuracy = last.get("eval/accuracy/mean")
+        print(f"rl ({task}, TRL GRPO) finished at update {last.get('update')}: reward "
+              f"{last.get('reward/mean', float('nan')):.4f}" + (f", held-out accuracy {accuracy:.4f}" if accuracy is not None else ""))  # fmt: skip
+        return 0
+
     from lance_rl.rl import recipe_main
 
     last = recipe_main(args.config, args.overrides, resume=args.resume)
@@ -117,9 +130,11 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
+    if args.task == "x2t":
+        return _x2t_quickstart(args)
     from lance_rl.pipeline import quickstart
 
-    result = quickstart(args.out, resume=not args.fresh)
+    result = quickstart(args.out or "runs/quickstart", resume=not args.fresh)
     before, after = result["heldout"]["after_sft"], result["heldout"]["after_rl"]
     print("\nheld-out shapes accuracy (24 captions never trained on, 2 samples each, ODE, fixed seeds):")
     print(f"  {'':10} {'after SFT':>10} {'after RL':>10}")
@@ -127,6 +142,23 @@ def _quickstart(args: argparse.Namespace) -> int:
         if key in before:
             print(f"  {key:10} {before[key]:>10.3f} {after[key]:>10.3f}")
     print(f"\nSFT {result['sft_s']:.0f} s, RL {result['rl_s']:.0f} s. Report: {result['report']}")
+    return 0
+
+
+def _x2t_quickstart(args: argparse.Namespace) -> int:
+    from lance_rl.x2t.quickstart import quickstart
+
+    summary = quickstart(args.out or "runs/x2t", args.t2i, resume=not args.fresh)
+    before, after = summary["heldout_accuracy"]["after_sft"], summary["heldout_accuracy"]["after_grpo"]
+    print("\nheld-out accuracy (shapes VQA on captions never trained on, greedy):")
+    print(f"  {'':10} {'after SFT':>10} {'after GRPO':>11}")
+    for key in ("all", "count", "color", "position", "shape"):
+        if key in before:
+            print(f"  {key:10} {before[key]:>10.3f} {after[key]:>11.3f}")
+    g = summary["generation_shapes_score"]
+    print(f"\ngeneration (t2i shapes score): before x2t {g['before_x2t']:.3f}, after SFT {g['after_sft']:.3f}, "
+          f"after GRPO {g['after_grpo']:.3f}")  # fmt: skip
+    print(f"{summary['seconds']['total']:.0f} s in all. Report: {summary['report']}")
     return 0
 
 
@@ -156,6 +188,11 @@ def _shapes_data(args: argparse.Namespace) -> int:
     if args.num_clips:
         clips = write_video_parquet(out / "clips.parquet", args.num_clips, size=args.size, seed=args.seed)
         print(f"wrote {args.num_clips} clips to {clips}")
+    if args.num_questions:
+        from lance_rl.data.shapes import write_vqa_parquet
+
+        vqa = write_vqa_parquet(out / "vqa.parquet", args.num_questions, "train", seed=args.seed, size=args.size)
+        print(f"wrote {args.num_questions} questions and captions about new images to {vqa} (x2t_general)")
     return 0
 
 
@@ -262,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("quickstart", help="the shapes world end to end on this machine: SFT, RL, report")
-    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--task", choices=["t2i", "x2t"], default="t2i",
+                   help="t2i: draw the shapes (flow-GRPO); x2t: answer questions about them (TRL GRPO, after t2i)")
+    p.add_argument("--out", default=None, help="run folder (default runs/quickstart, or runs/x2t for --task x2t)")
+    p.add_argument("--t2i", default="runs/quickstart", help="x2t: the t2i quickstart's folder (its SFT result is the base)")
     p.add_argument("--fresh", action="store_true", help="ignore finished stages in --out and run them again")
     p.set_defaults(func=_quickstart)
 
@@ -282,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=20000)
     p.add_argument("--num-heldout", type=int, default=480)
     p.add_argument("--num-clips", type=int, default=0, help="also write moving-shapes clips (text2video_general)")
+    p.add_argument("--num-questions", type=int, default=0,
+                   help="also write shapes questions and captions (x2t_general, 1/4 captions) about new images")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_shapes_data)

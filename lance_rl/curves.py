@@ -36,6 +36,10 @@ HELD_OUT_CHARTS = [
     ("Gold rewards (held-out, never trained on)", "update", [("gold/reward/mean", None), ("gold/*", None)], "reward"),
     ("Image statistics", "update", [("eval/signals/saturation", None), ("eval/signals/edge_density", None)], "share"),
     ("Within-group diversity", "update", [("eval/signals/diversity", None)], "RMS pixel distance"),
+    # By wall-clock: runs of different algorithms (or machines) compared at equal time, not equal updates.
+    ("Held-out proxy reward by wall-clock", "minutes", [("eval/reward/mean", None)], "reward"),
+    ("Held-out strict accuracy by wall-clock", "minutes", [("eval/shapes/strict/mean", None)], "all four right"),
+    ("Gold reward by wall-clock", "minutes", [("gold/reward/mean", None)], "reward"),
 ]
 TRAINING_CHARTS = [
     ("Training reward", "update", [("reward/mean", "reward/std")], "reward"),
@@ -105,7 +109,19 @@ def run_labels(paths: list[Path]) -> list[str]:
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
     paths = [Path(p) for p in paths]
-    return [Run(label, path, read_metrics(path)) for label, path in zip(run_labels(paths), paths)]
+    runs = [Run(label, path, read_metrics(path)) for label, path in zip(run_labels(paths), paths)]
+    for run in runs:
+        add_minutes(run.rows)
+    return runs
+
+
+def add_minutes(rows: list[dict]) -> None:
+    """`minutes`: wall-clock since the run's first logged row (its starting evaluation), the x axis that compares
+    algorithms at an equal budget (a resumed run's pause counts too)."""
+    times = [r["time"] for r in rows if _finite(r.get("time"))]
+    for r in rows:
+        if times and _finite(r.get("time")):
+            r["minutes"] = (r["time"] - times[0]) / 60
 
 
 def _series(rows: list[dict], x: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +200,8 @@ def draw_chart(title: str, x: str, lines: list[tuple[str, str | None]], ylabel: 
             ax.fill_between(line["xs"], line["ys"] - line["band"], line["ys"] + line["band"], color=line["color"],
                             alpha=0.15)  # fmt: skip
     ax.set_title(title, fontsize=11)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # updates and steps are whole numbers
+    if x in ("update", "step"):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # updates and steps are whole numbers
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -157,6 +157,8 @@ def run_understand(checkpoint: str, question: str, image: str | None = None, vid
     wan = loaded.model.config.vae == "wan2.2"
     if resolution is None:
         resolution = ("video_480p" if video else "image_768res") if wan else 56
+    if isinstance(resolution, str) and resolution.isdigit():  # --resolution 112: an area side, as for generate
+        resolution = int(resolution)
     frames = media.read_video(video, frame_rule="even", max_seconds=2.0)[0] if video else media.read_image(image)[None]
     patches, vit_grid = patchify_video(media.vit_tensor(frames, resolution))
     out = generate_text(

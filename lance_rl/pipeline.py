@@ -105,6 +105,14 @@ def pipeline_main(config_path: str, overrides: list[str], resume: bool = False) 
     for stage in (cfg.sft, cfg.rl):
         if not Path(stage.recipe).is_file():
             raise RecipeError(f"stage recipe {stage.recipe} does not exist")
+    from lance_rl.model.tasks import is_understanding
+    from lance_rl.x2t import recipe_task
+
+    rl_task = recipe_task(cfg.rl.recipe, cfg.rl.overrides)
+    if rl_task is not None and is_understanding(rl_task):  # an x2t pipeline: its RL stage is TRL's GRPO
+        from lance_rl.x2t.quickstart import run_pipeline as run_x2t_pipeline
+
+        return run_x2t_pipeline(cfg, resume=resume)
     return run_pipeline(cfg, resume=resume)
 
 

@@ -10,26 +10,32 @@ and ignores the rest through ``**kwargs``::
 Batch fields (``B`` samples):
 
 - ``prompts``: ``list[str]`` of length B;
-- ``images``: B uint8 RGB arrays ``[H, W, 3]`` (or one array ``[B, H, W, 3]``), or
-  ``videos``: B uint8 arrays ``[T, H, W, 3]``; exactly one of the two;
-- ``conditions``: optional, B condition media (editing sources: uint8 ``[H, W, 3]`` or ``[T, H, W, 3]``, or None);
+- what is scored, exactly one of: ``images``, B uint8 RGB arrays ``[H, W, 3]`` (or one array ``[B, H, W, 3]``);
+  ``videos``, B uint8 arrays ``[T, H, W, 3]``; ``completions``, B strings (answers the model wrote, for text rewards);
+- ``conditions``: optional, B condition media (editing sources, or the image / video a question was about: uint8
+  ``[H, W, 3]`` or ``[T, H, W, 3]``, or None);
+- ``answers``: optional with ``completions``, B reference answers (a string, a list of accepted strings, or None);
 - ``metadata``: optional, B dicts (the prompt set's per-sample columns).
 
-A reward declares the modalities it scores (``"image"``, ``"video"``); giving it another raises ``ModalityError``.
-Write a reward as a subclass of ``Reward`` (implement ``score``) or as a plain function, optionally decorated with
-``@reward(name=..., modalities=...)``. Undecorated functions are taken to score images only.
+A reward declares the modalities it scores (``"image"``, ``"video"``, ``"text"``); giving it another raises
+``ModalityError``. Image and video rewards never see ``completions`` / ``answers`` (their batches do not carry the
+keys), so they need no change. Write a reward as a subclass of ``Reward`` (implement ``score``) or as a plain function,
+optionally decorated with ``@reward(name=..., modalities=...)``. Undecorated functions are taken to score images only.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-MODALITIES = ("image", "video")
+MODALITIES = ("image", "video", "text")
+# Batch fields with one entry per sample (a subset of samples takes the same entries of each).
+PER_SAMPLE_FIELDS = ("prompts", "images", "videos", "conditions", "metadata", "completions", "answers")
 
 
 class ModalityError(ValueError):
@@ -131,26 +137,36 @@ def _media_list(media, n: int, what: str, ndim: int) -> list[np.ndarray]:
 
 
 def check_batch(
-    name: str, modalities: Sequence[str], prompts, images=None, videos=None, conditions=None, metadata=None
+    name: str, modalities: Sequence[str], prompts, images=None, videos=None, conditions=None, metadata=None,
+    completions=None, answers=None,
 ) -> dict:
-    """Validate a batch against a reward's declared modalities; returns it with media as lists of numpy arrays."""
+    """Validate a batch against a reward's declared modalities; returns it with media as lists of numpy arrays (and,
+    for a text batch, ``completions`` and ``answers`` as lists)."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ModalityError(f"reward {name!r}: prompts must be a list of strings, got {type(prompts).__name__}")
     n = len(prompts)
-    if (images is None) == (videos is None):
-        got = "both" if images is not None else "neither"
-        raise ModalityError(f"reward {name!r}: give exactly one of images= or videos= (got {got})")
-    given = "image" if images is not None else "video"
+    outputs = [k for k, v in (("images", images), ("videos", videos), ("completions", completions)) if v is not None]
+    if len(outputs) != 1:
+        got = " and ".join(outputs) if outputs else "neither"
+        raise ModalityError(f"reward {name!r}: give exactly one of images= or videos= (or completions= for text "
+                            f"rewards), got {got}")  # fmt: skip
+    given = {"images": "image", "videos": "video", "completions": "text"}[outputs[0]]
     if given not in modalities:
         hint = ""
         if given == "video":
             hint = " (wrap it with lance_rl.rewards.video.FrameReward, registry name 'frames', to score sampled frames)"
-        raise ModalityError(f"reward {name!r} scores {', '.join(modalities)} only, but was given {given}s{hint}")
+        plural = "texts" if given == "text" else f"{given}s"
+        raise ModalityError(f"reward {name!r} scores {', '.join(modalities)} only, but was given {plural}{hint}")
     batch = {"prompts": list(prompts), "images": None, "videos": None, "conditions": None, "metadata": None}
     if images is not None:
         batch["images"] = _media_list(images, n, "images", 3)
-    else:
+    elif videos is not None:
         batch["videos"] = _media_list(videos, n, "videos", 4)
+    else:
+        batch["completions"] = _texts(completions, n, name)
+        batch["answers"] = _answers(answers, n, name)
+    if answers is not None and completions is None:
+        raise ModalityError(f"reward {name!r}: answers= goes with completions= (reference answers for text outputs)")
     if conditions is not None:
         if len(conditions) != n:
             raise ModalityError(f"reward {name!r}: got {len(conditions)} conditions for {n} prompts")
@@ -165,6 +181,28 @@ def check_batch(
             raise ModalityError(f"reward {name!r}: metadata entries must be dicts, got a {kind} at index {bad[0]}")
         batch["metadata"] = [dict(m or {}) for m in metadata]
     return batch
+
+
+def _texts(completions, n: int, name: str) -> list[str]:
+    if isinstance(completions, str) or len(completions) != n:
+        count = 1 if isinstance(completions, str) else len(completions)
+        raise ModalityError(f"reward {name!r}: got {count} completions for {n} prompts")
+    bad = [i for i, c in enumerate(completions) if not isinstance(c, str)]
+    if bad:
+        kind = type(completions[bad[0]]).__name__
+        raise ModalityError(f"reward {name!r}: completions must be strings, got a {kind} at index {bad[0]}")
+    return list(completions)
+
+
+def _answers(answers, n: int, name: str) -> list | None:
+    if answers is None:
+        return None
+    if isinstance(answers, str) or len(answers) != n:
+        raise ModalityError(f"reward {name!r}: answers must be a list with one entry per prompt ({n})")
+    for i, a in enumerate(answers):
+        if not (a is None or isinstance(a, str) or (isinstance(a, (list, tuple)) and all(isinstance(x, str) for x in a))):
+            raise ModalityError(f"reward {name!r}: answers[{i}] must be a string, a list of strings or None")
+    return list(answers)
 
 
 # ------------------------------------------------------------------------------------------------ reward forms
@@ -182,8 +220,10 @@ class Reward:
     def score(self, *, prompts, images=None, videos=None, conditions=None, metadata=None, **kwargs):
         raise NotImplementedError
 
-    def __call__(self, *, prompts, images=None, videos=None, conditions=None, metadata=None, **kwargs) -> RewardOutput:
-        batch = check_batch(self.name, self.modalities, prompts, images, videos, conditions, metadata)
+    def __call__(self, *, prompts, images=None, videos=None, conditions=None, metadata=None, completions=None,
+                 answers=None, **kwargs) -> RewardOutput:  # fmt: skip
+        batch = check_batch(self.name, self.modalities, prompts, images, videos, conditions, metadata, completions,
+                            answers)  # fmt: skip
         return as_output(self.score(**batch, **kwargs), len(batch["prompts"]), self.name)
 
     def __repr__(self) -> str:
@@ -191,7 +231,8 @@ class Reward:
 
 
 class FunctionReward(Reward):
-    """A plain function ``fn(*, prompts, images, videos, conditions, metadata, **kwargs)`` as a ``Reward``.
+    """A plain function ``fn(*, prompts, images, videos, conditions, metadata, **kwargs)`` (a text reward:
+    ``fn(*, prompts, completions, answers, ...)``) as a ``Reward``.
 
     ``kwargs`` given here are bound to every call (``functools.partial``). A function that does not take ``**kwargs``
     receives only the batch fields it names.

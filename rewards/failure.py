@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .base import ModalityError, Reward, RewardError, RewardOutput
+from .base import PER_SAMPLE_FIELDS, ModalityError, Reward, RewardError, RewardOutput
 
 ON_FAILURE = ("raise", "none")
 
@@ -62,7 +62,7 @@ def call_with_timeout(fn, timeout: float | None):
     return box["value"]
 
 
-_PER_SAMPLE = ("prompts", "images", "videos", "conditions", "metadata")
+_PER_SAMPLE = PER_SAMPLE_FIELDS
 
 
 def _subset(batch: dict, idx: list[int]) -> dict:

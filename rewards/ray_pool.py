@@ -18,7 +18,7 @@ import inspect
 
 import numpy as np
 
-from .base import Reward, RewardOutput
+from .base import PER_SAMPLE_FIELDS, Reward, RewardOutput
 
 
 class _RewardActor:
@@ -74,7 +74,7 @@ class RayRewardPool(Reward):
         if n == 0:
             return RewardOutput([], {})
         chunks = [c.tolist() for c in np.array_split(np.arange(n), min(n, len(self.actors))) if len(c)]
-        per_sample = ("prompts", "images", "videos", "conditions", "metadata")
+        per_sample = PER_SAMPLE_FIELDS
         refs = []
         for actor, idx in zip(self.actors, chunks):
             part = {k: (v if v is None or k not in per_sample else [v[i] for i in idx]) for k, v in batch.items()}

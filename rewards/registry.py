@@ -32,6 +32,9 @@ REGISTRY: dict[str, str] = {
     "self_judge": "lance_rl.rewards.self_judge:SelfJudge",
     "remote": "lance_rl.rewards.remote:RemoteReward",
     "shapes": "lance_rl.rewards.shapes:ShapesReward",
+    "exact_answer": "lance_rl.rewards.answers:ExactAnswer",
+    "answer_format": "lance_rl.rewards.answers:AnswerFormat",
+    "shapes_vqa": "lance_rl.rewards.answers:ShapesVQA",
 }
 
 class UnknownRewardError(KeyError):

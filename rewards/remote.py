@@ -10,7 +10,9 @@ Protocol ``lance-rl-reward/1`` (any server speaking it works with ``RemoteReward
 
 - ``POST /score`` with header ``Authorization: Bearer <token>`` (when the server has a token), a ``Content-Length``
   and a UTF-8 JSON body ``{"prompts": [str], "images": [png] | null, "videos": [video] | null,
-  "conditions": [null | png | video] | null, "metadata": [object] | null}`` where every list has one entry per prompt,
+  "conditions": [null | png | video] | null, "metadata": [object] | null, "completions": [str] | null,
+  "answers": [null | str | [str]] | null}`` where every list has one entry per prompt (a text reward gets
+  ``completions`` instead of images or videos, and ``conditions`` holds the media the question was about),
   ``png`` is a base64 PNG string and ``video`` is ``{"mp4": base64, "frames": T, "height": H, "width": W}`` (H.264,
   lossy; T frames, cropped to H x W after decoding) or ``{"png_frames": [png, ...]}`` (lossless). Answer 200
   ``{"scores": [number | null | "nan" | "inf" | "-inf"], "details": {key: [value]}}``, or an error status with
@@ -47,7 +49,7 @@ from .base import Reward, RewardError, RewardOutput
 
 PROTOCOL = "lance-rl-reward/1"
 TOKEN_ENV = "LANCE_RL_REWARD_TOKEN"
-BATCH_FIELDS = ("prompts", "images", "videos", "conditions", "metadata")
+BATCH_FIELDS = ("prompts", "images", "videos", "conditions", "metadata", "completions", "answers")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -102,14 +104,18 @@ def _encode_condition(c, video_format):
     return encode_png(c) if c.ndim == 3 else encode_video(c, video_format)
 
 
-def encode_batch(prompts, images=None, videos=None, conditions=None, metadata=None, video_format="mp4") -> dict:
-    return {
+def encode_batch(prompts, images=None, videos=None, conditions=None, metadata=None, video_format="mp4",
+                 completions=None, answers=None) -> dict:
+    body = {
         "prompts": list(prompts),
         "images": None if images is None else [encode_png(np.asarray(im)) for im in images],
         "videos": None if videos is None else [encode_video(np.asarray(v), video_format) for v in videos],
         "conditions": None if conditions is None else [_encode_condition(c, video_format) for c in conditions],
         "metadata": metadata,
     }
+    if completions is not None:  # a text batch; image and video batches keep the original five fields
+        body |= {"completions": list(completions), "answers": None if answers is None else list(answers)}
+    return body
 
 
 # ------------------------------------------------------------------------------------------------ JSON -> media
@@ -197,7 +203,8 @@ class _BatchDecoder:
             if value is not None and (not isinstance(value, list) or len(value) != n):
                 raise ValueError(f"'{key}' must be null or a list with one entry per prompt ({n})")
         images, videos, conditions = body.get("images"), body.get("videos"), body.get("conditions")
-        return {
+        text = {} if body.get("completions") is None else {"completions": body["completions"], "answers": body.get("answers")}
+        return text | {
             "prompts": body["prompts"],
             "images": None if images is None else [self.png(im, f"image {i}") for i, im in enumerate(images)],
             "videos": None if videos is None else [self.video(v, f"video {i}") for i, v in enumerate(videos)],
@@ -293,11 +300,11 @@ class RemoteReward(Reward):
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 120.0, retries: int = 3,
                  backoff: float = 1.0, video_format: str = "mp4", name: str = "remote",
-                 modalities: tuple[str, ...] = ("image", "video")):  # fmt: skip
+                 modalities: tuple[str, ...] = ("image", "video", "text")):  # fmt: skip
         self.url = url.rstrip("/")
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         self.timeout, self.retries, self.backoff, self.video_format = timeout, retries, backoff, video_format
-        # Both modalities by default: the server checks what its reward declares and answers 400 with its name.
+        # Every modality by default: the server checks what its reward declares and answers 400 with its name.
         self.name, self.modalities = name, tuple(modalities)
 
     def _request(self, path: str, body: dict | None = None) -> dict:
@@ -333,8 +340,9 @@ class RemoteReward(Reward):
     def info(self) -> dict:
         return self._request("/info")
 
-    def score(self, *, prompts, images=None, videos=None, conditions=None, metadata=None, **kwargs) -> RewardOutput:
-        body = encode_batch(prompts, images, videos, conditions, metadata, self.video_format)
+    def score(self, *, prompts, images=None, videos=None, conditions=None, metadata=None, completions=None,
+              answers=None, **kwargs) -> RewardOutput:  # fmt: skip
+        body = encode_batch(prompts, images, videos, conditions, metadata, self.video_format, completions, answers)
         answer = self._request("/score", body)
         try:
             scores = [None if s is None else float(s) for s in answer["scores"]]

@@ -10,6 +10,7 @@ from lance_rl.config import load_recipe
 from lance_rl.pipeline import PipelineConfig
 from lance_rl.rl_config import RLConfig
 from lance_rl.sft_config import SFTConfig
+from lance_rl.x2t.config import X2TConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # recipes/accelerate/ holds accelerate launcher configs, not lance-rl recipes.
@@ -20,6 +21,8 @@ def kind_of(path: Path):
     data = yaml.safe_load(path.read_text())
     if "sft" in data and "rl" in data:
         return PipelineConfig
+    if str(data.get("task", "")).startswith("x2t"):
+        return X2TConfig  # GRPO on the understanding expert (TRL)
     return RLConfig if "rewards" in data else SFTConfig
 
 
@@ -73,10 +76,13 @@ def test_recipe_loads_and_validates(path):
     if cls is RLConfig:
         check_rewards(cfg.rewards, str(path))
         check_rewards(cfg.eval.gold_rewards, f"{path} (gold)")
+    if cls is X2TConfig:
+        check_rewards(cfg.rewards, str(path))
     if cls is PipelineConfig:
-        for stage, stage_cls in ((cfg.sft, SFTConfig), (cfg.rl, RLConfig)):
+        for stage in (cfg.sft, cfg.rl):
+            stage_cls = kind_of(ROOT / stage.recipe)
             stage_cfg = load_recipe(stage_cls, ROOT / stage.recipe, stage.overrides)
-            if stage_cls is RLConfig:
+            if stage_cls is not SFTConfig:
                 check_rewards(stage_cfg.rewards, stage.recipe)
 
 

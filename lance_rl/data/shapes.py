@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lance_rl.rewards.shapes import COLORS, ShapesPrompt, all_prompts
+from lance_rl.rewards.shapes import COLORS, COUNTS, ShapesPrompt, all_prompts
 
 NUM_HELDOUT = 24  # of 144 captions; never seen in training
 DIRECTIONS = ("left", "right", "up", "down")
@@ -159,4 +159,79 @@ def write_video_parquet(path: str | Path, num_clips: int, num_frames: int = 9, s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"caption": captions, "video_bytes": videos}), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ question answering
+# The same world asked about instead of drawn: four questions, one per attribute the `shapes` checker knows, plus a
+# captioning question whose answer is the caption itself. Answers are single words; `rewards/answers.py: ShapesVQA`
+# accepts the forms a person would ("2" for "two", "circles" for "circle", "on the left" for "left").
+VQA_QUESTIONS = {
+    "count": "how many shapes are there?",
+    "color": "what colour are they?",
+    "position": "which side are they on?",
+    "shape": "what shape are they?",
+}
+CAPTION_QUESTION = "describe the image."
+
+
+def vqa_answer(prompt: ShapesPrompt, question_type: str) -> str:
+    """The canonical answer to a question about an image of `prompt` ("caption": the caption itself)."""
+    if question_type == "caption":
+        return prompt.caption
+    number = {v: k for k, v in COUNTS.items()}
+    return {"count": number[prompt.count], "color": prompt.color, "position": prompt.position,
+            "shape": prompt.shape}[question_type]  # fmt: skip
+
+
+@dataclass(eq=False)  # eq=False: an ndarray field has no truth value
+class VQAExample:
+    image: np.ndarray  # uint8 [size, size, 3]
+    question: str
+    answer: str
+    question_type: str  # count | color | position | shape | caption
+    caption: str  # what the image shows: the truth every answer is checked against
+
+
+def vqa_examples(
+    num_images: int, split: str = "train", seed: int = 0, size: int = 32, caption_share: float = 0.0,
+    all_questions: bool = False, prompt_seed: int = 0,
+) -> list[VQAExample]:
+    """Question-answer pairs about fresh images of one caption split. Each image gets one question (captioning with
+    probability `caption_share`, else one of the four attributes at random), or with `all_questions` all four."""
+    train, heldout = split_prompts(prompt_seed)
+    prompts = {"train": train, "heldout": heldout}[split]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num_images):
+        prompt = prompts[rng.randrange(len(prompts))]
+        image = render(prompt, size, rng)
+        if all_questions:
+            kinds = list(VQA_QUESTIONS)
+        else:
+            kinds = ["caption" if rng.random() < caption_share else rng.choice(list(VQA_QUESTIONS))]
+        for kind in kinds:
+            question = CAPTION_QUESTION if kind == "caption" else VQA_QUESTIONS[kind]
+            out.append(VQAExample(image, question, vqa_answer(prompt, kind), kind, prompt.caption))
+    return out
+
+
+def write_vqa_parquet(
+    path: str | Path, num_images: int, split: str = "train", seed: int = 0, size: int = 32,
+    caption_share: float = 0.25, prompt_seed: int = 0,
+) -> Path:
+    """`num_images` rows of the official `x2t_general` schema (image_bytes, caption_q, caption_a; no caption_i, so
+    the release's default instruction is the system prompt): a captioning / VQA mix for understanding SFT."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = vqa_examples(num_images, split, seed, size, caption_share, prompt_seed=prompt_seed)
+    table = pa.table({
+        "image_bytes": [png_bytes(r.image) for r in rows],
+        "caption_q": [r.question for r in rows],
+        "caption_a": [r.answer for r in rows],
+    })  # fmt: skip
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=256)
     return path
