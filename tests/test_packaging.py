@@ -56,6 +56,11 @@ def test_wheel_ships_every_package_and_the_recipes(tmp_path):
                      "lance_rl/recipes/quickstart/rl.yaml", "lance_rl/recipes/lance-3b/t2i_pickscore.yaml"):  # fmt: skip
         assert required in names, f"{required} missing from {wheel.name}"
     assert not any(n.startswith(("model/", "rewards/", "recipes/")) for n in names), "top-level packages in the wheel"
+    # Every module of the checkout ships (a new subpackage missing from pyproject's list would not).
+    for folder, package in (("lance_rl", "lance_rl"), ("model", "lance_rl/model"), ("rewards", "lance_rl/rewards")):
+        for module in (ROOT / folder).rglob("*.py"):
+            shipped = f"{package}/{module.relative_to(ROOT / folder).as_posix()}"
+            assert shipped in names, f"{shipped} missing from {wheel.name} (add its package to pyproject.toml)"
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = (
