@@ -55,7 +55,7 @@ def run_pipeline(cfg, resume: bool = False) -> dict:
         log.info("GRPO already finished in %s", out / "rl")
         last = {}
     else:
-        stage = X2TRecipe(x2t_cfg)
+        stage = X2TRecipe(x2t_cfg, resume=resume and (out / "rl" / "latest").is_file())
         stage.setup()
         try:
             last = stage.train()

@@ -141,9 +141,6 @@ def generation_score_of(checkpoint: str | Path, g: GenerationSection | None = No
 # ------------------------------------------------------------------------------------------------ the recipe
 class X2TRecipe:
     def __init__(self, cfg: X2TConfig, resume: bool = False):
-        if resume:
-            raise RecipeError("x2t runs do not resume yet: start the run again (it is deterministic), or start a new "
-                              "run from `lance-rl export` of this one")  # fmt: skip
         check_before_loading(cfg)
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
@@ -152,6 +149,8 @@ class X2TRecipe:
         self.pending: dict = {}  # the evaluation of the current update, written with TRL's row for it
         self.generation_start: float | None = None
         self.stopped_by_guard = False
+        self.resume = resume
+        self.resume_from: Path | None = None  # TRL's state in the checkpoint resumed from
         self.last: dict = {}
 
     # ---------------------------------------------------------------- setup
@@ -161,7 +160,7 @@ class X2TRecipe:
 
         from lance_rl.model.hf import LanceForUnderstanding, LanceProcessor
         from lance_rl.rewards.mix import build_mix
-        from lance_rl.trainer import MetricsLog, resolve_precision, select_device
+        from lance_rl.trainer import MetricsLog, resolve_precision, resume_latest, select_device
 
         c, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
@@ -211,13 +210,13 @@ class X2TRecipe:
                  f"{sum(p.numel() for p in self.trainable.values()):,}", len(self.train_rows), len(self.eval_rows))  # fmt: skip
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(to_dict(c), indent=2) + "\n")
-        if (self.out / "metrics.jsonl").is_file():  # x2t runs do not resume: a run started again starts over
-            log.warning(
-                "%s already holds a run: starting over (the run is deterministic), its metrics are replaced",
-                self.out,
-            )
+        if self.resume:
+            resume_latest(self.out, self._load_resumable)
+        elif (self.out / "metrics.jsonl").is_file():
+            log.warning("%s already holds a run: starting over (add --resume to continue it)", self.out)
             (self.out / "metrics.jsonl").unlink()
-        self.metrics = MetricsLog(self.out, "update", t.steps, c.logging, to_dict(c))
+        self.metrics = MetricsLog(self.out, "update", t.steps, c.logging, to_dict(c),
+                                  resume_at=self.update if self.resume_from else None)  # fmt: skip
 
     def _grpo_args(self) -> dict:
         c, g, o = self.cfg, self.cfg.grpo, self.cfg.optim
@@ -225,7 +224,7 @@ class X2TRecipe:
         micro = g.micro_batch_size or batch  # TRL generates batch completions, then steps once over batch // micro
         schedule = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_lr"}[o.schedule]
         args = dict(  # noqa: C408 - TRL's GRPOConfig keywords, as they are named there
-            output_dir=str(self.out), max_steps=c.train.steps, seed=c.train.seed, data_seed=c.train.seed,
+            output_dir=str(self.out / "trl"), max_steps=c.train.steps, seed=c.train.seed, data_seed=c.train.seed,
             per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
             num_generations=g.num_generations, max_completion_length=g.max_completion_length,
             temperature=g.temperature, top_p=g.top_p, beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
@@ -261,17 +260,18 @@ class X2TRecipe:
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict:
         """Evaluate the starting point, then TRL's loop; `_Callback` evaluates, logs and checkpoints as it runs."""
-        if self.cfg.eval.every > 0:
+        if self.cfg.eval.every > 0 and self.resume_from is None:
             self.metrics.write({"update": 0, **self.evaluate()})
         started = time.perf_counter()
-        self.trainer.train()
+        # TRL restores the adapter (or weights), optimizer, schedule, RNG and data position from its own state.
+        self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
         log.info("x2t GRPO: %d updates in %.0f s%s", self.update, time.perf_counter() - started,
                  " (stopped by the generation guard)" if self.stopped_by_guard else "")  # fmt: skip
         return self.last
 
-    def on_update(self, step: int) -> bool:
-        """After optimizer step `step`: evaluate when due (the row is written with TRL's log of the step), guard
-        generation, checkpoint. Returns True to stop training."""
+    def on_update(self, step: int) -> str | None:
+        """After optimizer step `step`: evaluate when due (the row is written with TRL's log of the step) and guard
+        generation. Returns "stop", "save" (TRL writes its state, then `save_checkpoint` runs) or None."""
         self.update = step
         c = self.cfg
         final = step == c.train.steps
@@ -280,21 +280,16 @@ class X2TRecipe:
             self.pending = self.evaluate()
         if c.generation.keep == "guard" and evaluated:
             score = self.pending.get("gold/reward/mean")
-            if (
-                score is not None
-                and self.generation_start is not None
-                and score < self.generation_start - c.generation.max_drop
-            ):
+            if score is not None and self.generation_start is not None and \
+                    score < self.generation_start - c.generation.max_drop:  # fmt: skip
                 log.warning("generation guard: the shapes score fell to %.3f from %.3f (max drop %.3f); stopping at "
                             "update %d, `latest` stays at the last checkpoint within it", score, self.generation_start,
                             c.generation.max_drop, step)  # fmt: skip
                 self.stopped_by_guard = True
                 self.pending["generation_guard/stopped"] = 1.0
-                return True
-            self.save_checkpoint()  # under the guard, every evaluation within the bound is a checkpoint
-        elif step % c.checkpoint.every == 0 or final:
-            self.save_checkpoint()
-        return False
+                return "stop"
+            return "save"  # under the guard, every evaluation within the bound is a checkpoint
+        return "save" if step % c.checkpoint.every == 0 or final else None
 
     def on_log(self, logs: dict) -> None:
         """One metrics.jsonl row per update: TRL's numbers under the names `lance-rl curves` charts, plus the
@@ -405,21 +400,38 @@ class X2TRecipe:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """checkpoints/update_NNNNN/: the PEFT adapter (+ base_checkpoint.txt), or the model in the official layout;
-        then `latest`. `lance-rl export RUN` turns either into an official-layout directory."""
+        """checkpoints/update_NNNNN/: the PEFT adapter (+ base_checkpoint.txt), or the model in the official layout,
+        and trl/ (TRL's state: optimizer, schedule, RNG, data position) for --resume; then `latest`. `lance-rl export
+        RUN` turns either into an official-layout directory."""
+        import shutil
+
         from lance_rl.checkpointing import new_checkpoint
 
         name = f"update_{self.update:05d}"
+        trl_state = Path(self.trainer.args.output_dir) / f"checkpoint-{self.update}"
         with new_checkpoint(self.out, name, self.cfg.checkpoint.keep_last) as tmp:
             if self.cfg.train.policy == "lora":
                 self.trainer.model.save_pretrained(str(tmp / "adapter"))
-                (tmp / "adapter" / "base_checkpoint.txt").write_text(
-                    str(Path(self.cfg.model.checkpoint).resolve()) + "\n"
-                )
+                (tmp / "adapter" / "base_checkpoint.txt").write_text(str(Path(self.cfg.model.checkpoint).resolve()) + "\n")
             else:
                 self.model.save_pretrained(tmp / "model")
+            shutil.move(str(trl_state), tmp / "trl")
             torch.save({"update": self.update}, tmp / "trainer_state.pt")
         return self.out / "checkpoints" / name
+
+    def _load_resumable(self, checkpoint: Path) -> None:
+        """Where --resume continues: the checkpoint's update, TRL's state in it, the generation score it started from."""
+        from lance_rl.trainer import CorruptCheckpoint, read_rows, read_trainer_state
+
+        if not (checkpoint / "trl" / "trainer_state.json").is_file():
+            raise CorruptCheckpoint(f"{checkpoint} holds no TRL state (trl/trainer_state.json)")
+        self.update = int(read_trainer_state(checkpoint / "trainer_state.pt")["update"])
+        self.resume_from = checkpoint / "trl"
+        rows = [r for r in read_rows(self.out / "metrics.jsonl") if r.get("update") == 0] if \
+            (self.out / "metrics.jsonl").is_file() else []  # fmt: skip
+        if rows and rows[0].get("gold/reward/mean") is not None:
+            self.generation_start = rows[0]["gold/reward/mean"]
+        log.info("resuming the x2t run in %s at update %d", self.out, self.update)
 
     def cleanup(self) -> None:
         if self.metrics is not None:
@@ -449,8 +461,13 @@ def _callback(recipe: X2TRecipe):
             self.recipe = recipe
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.recipe.on_update(state.global_step):
-                control.should_training_stop = True
+            decision = self.recipe.on_update(state.global_step)
+            control.should_training_stop |= decision == "stop"
+            control.should_save = decision == "save"  # TRL writes its state; on_save then writes our checkpoint
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            self.recipe.save_checkpoint()
             return control
 
         def on_log(self, args, state, control, logs=None, **kwargs):
