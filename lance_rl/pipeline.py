@@ -46,9 +46,8 @@ def _finished(run: Path, total: int, key: str) -> bool:
 
 
 def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
-    from lance_rl import rl, sft
+    from lance_rl import sft
     from lance_rl.export import export
-    from lance_rl.rl_config import RLConfig
     from lance_rl.sft_config import SFTConfig
 
     out = Path(cfg.output_dir)
@@ -77,15 +76,16 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     ema = cfg.export_ema and sft_cfg.train.ema_decay > 0 and not sft_cfg.lora.enabled
     export(out / "sft", export_dir, ema=ema)
 
-    # 3. RL from it.
-    rl_cfg = load_recipe(RLConfig, cfg.rl.recipe, [*cfg.rl.overrides, f"output_dir={out / 'rl'}",
-                                                      f"model.checkpoint={export_dir}"])  # fmt: skip
+    # 3. RL from it: flow-GRPO, or TRL's GRPO on the understanding expert when the recipe's task is x2t.
+    config_class, recipe_class, total = _rl_stage(cfg.rl)
+    rl_cfg = load_recipe(config_class, cfg.rl.recipe, [*cfg.rl.overrides, f"output_dir={out / 'rl'}",
+                                                        f"model.checkpoint={export_dir}"])  # fmt: skip
     started = time.perf_counter()
-    if resume and _finished(out / "rl", rl_cfg.train.updates, "update"):
+    if resume and _finished(out / "rl", getattr(rl_cfg.train, total), "update"):
         log.info("RL already finished in %s", out / "rl")
         last = {}
     else:
-        recipe = rl.RLRecipe(rl_cfg, resume=resume)
+        recipe = recipe_class(rl_cfg, resume=resume)
         recipe.setup()
         try:
             last = recipe.train()
@@ -97,7 +97,23 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     from lance_rl.curves import write_report
 
     report = write_report([out / "sft", out / "rl"], out / "report.html")
-    return {"last": last, "report": str(report), **timings}
+    return {"last": last, "report": str(report), "rl_config": rl_cfg, **timings}
+
+
+def _rl_stage(stage: StageSection):
+    """(config class, recipe class, the train field counting its updates) of a pipeline's RL stage."""
+    from lance_rl.model.tasks import is_understanding
+    from lance_rl.x2t import recipe_task
+
+    task = recipe_task(stage.recipe, stage.overrides)
+    if task is not None and is_understanding(task):
+        from lance_rl.x2t import X2TConfig, X2TRecipe
+
+        return X2TConfig, X2TRecipe, "steps"
+    from lance_rl.rl import RLRecipe
+    from lance_rl.rl_config import RLConfig
+
+    return RLConfig, RLRecipe, "updates"
 
 
 def pipeline_main(config_path: str, overrides: list[str], resume: bool = False) -> dict:
@@ -105,14 +121,6 @@ def pipeline_main(config_path: str, overrides: list[str], resume: bool = False) 
     for stage in (cfg.sft, cfg.rl):
         if not Path(stage.recipe).is_file():
             raise RecipeError(f"stage recipe {stage.recipe} does not exist")
-    from lance_rl.model.tasks import is_understanding
-    from lance_rl.x2t import recipe_task
-
-    rl_task = recipe_task(cfg.rl.recipe, cfg.rl.overrides)
-    if rl_task is not None and is_understanding(rl_task):  # an x2t pipeline: its RL stage is TRL's GRPO
-        from lance_rl.x2t.quickstart import run_pipeline as run_x2t_pipeline
-
-        return run_x2t_pipeline(cfg, resume=resume)
     return run_pipeline(cfg, resume=resume)
 
 

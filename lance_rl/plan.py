@@ -374,6 +374,9 @@ def plan(recipe: str, gpus: int, gpu_memory_gb: float = 80.0, overrides: list[st
     from lance_rl.config import load_recipe
 
     data = yaml.safe_load(Path(recipe).read_text()) or {}
+    if str(data.get("task", "")).startswith("x2t"):
+        raise ValueError(f"{recipe} is an x2t recipe (TRL GRPO on the understanding expert), which `lance-rl plan` "
+                         "does not plan yet: its header gives the estimate")  # fmt: skip
     if "rewards" in data:
         from lance_rl.rl_config import RLConfig
 

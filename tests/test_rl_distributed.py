@@ -17,7 +17,7 @@ def overrides(out, model, *extra):
     return [f"output_dir={out}", f"model.checkpoint={model}", "prompts.height=16", "prompts.width=16",
             "sampler.num_steps=4", "sampler.window_size=1", "sampler.window_range=[0, 3]",
             "algorithm.prompts_per_update=4", "algorithm.group_size=3", "algorithm.minibatches=2", "eval.every=0",
-            "rewards={jpeg_incompressibility: 1.0}", "optim.lr=1e-3", "algorithm.clip_range=0.05",
+            "rewards={jpeg_incompressibility: 1.0}", "optim.lr=3e-3", "optim.eps=1e-4", "algorithm.clip_range=0.05",
             "checkpoint.every=1", "train.precision=fp32", *extra]  # fmt: skip
 
 
@@ -34,9 +34,10 @@ def adapter(run: Path, update: int) -> dict[str, torch.Tensor]:
 
 
 def assert_same(a: dict, b: dict) -> None:
-    """Equal up to summation order (the issue's bound, 1e-5): the ranks' gradients are summed in another order than
-    one process sums them, and Adam's first steps magnify those float32 differences where a gradient nearly cancels,
-    to about 0.7% of one step (2e-5 at lr 3e-3, 7e-6 at the 1e-3 used here), far below what an update moves."""
+    """Equal up to summation order (the issue's bound, 1e-5). The ranks' gradients are summed in another order than
+    one process sums them; with Adam's usual eps (1e-8) its first steps magnify those float32 differences where a
+    gradient nearly cancels, to 2-3e-5 at lr 3e-3. The test's eps 1e-4 keeps such near-zero gradients near-zero
+    steps, so what remains is the gradients' own agreement."""
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
@@ -56,7 +57,7 @@ def test_two_trainer_ranks_make_the_one_rank_update(tmp_path, sft_tiny, workers)
     launch(2, args(tmp_path / "two", "train.updates=2"), port)
     assert_same(adapter(tmp_path / "one", 2), adapter(tmp_path / "two", 2))
     moved = max(float((adapter(tmp_path / "one", 2)[k] - w).abs().max()) for k, w in adapter(tmp_path / "one", 1).items())
-    assert moved > 5e-4
+    assert moved > 1e-3
     # Rank 0 logs the whole update's statistics (every rank's groups), not its own share.
     for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
         for key in ("reward/mean", "rewards/jpeg_incompressibility/mean", "ratio/mean", "policy_loss", "approx_kl"):

@@ -9,67 +9,9 @@ import time
 from pathlib import Path
 
 from lance_rl.config import load_recipe
-from lance_rl.x2t.config import X2TConfig
-from lance_rl.x2t.recipe import X2TRecipe, generation_score_of
+from lance_rl.x2t.recipe import generation_score_of
 
 log = logging.getLogger("lance_rl.x2t")
-
-
-def run_pipeline(cfg, resume: bool = False) -> dict:
-    """An x2t pipeline (`lance_rl.pipeline.PipelineConfig`: SFT recipe, then this recipe) in one run folder, laid
-    out as the t2i pipeline's: sft/, sft_export/, rl/, report.html. A finished stage is not run again."""
-    from lance_rl import sft
-    from lance_rl.curves import write_report
-    from lance_rl.export import export
-    from lance_rl.pipeline import _finished
-    from lance_rl.sft_config import SFTConfig
-
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    timings = {}
-
-    # 1. SFT on the understanding data (the SFT trainer: cross-entropy on answers, flow matching on replayed images).
-    sft_overrides = [*cfg.sft.overrides, f"output_dir={out / 'sft'}"]
-    if cfg.base_checkpoint:
-        sft_overrides.append(f"model.checkpoint={cfg.base_checkpoint}")
-    sft_cfg = load_recipe(SFTConfig, cfg.sft.recipe, sft_overrides)
-    started = time.perf_counter()
-    if resume and _finished(out / "sft", sft_cfg.train.steps, "step"):
-        log.info("SFT already finished in %s", out / "sft")
-    else:
-        stage = sft.SFTRecipe(sft_cfg, resume=resume)
-        stage.setup()
-        try:
-            stage.train()
-        finally:
-            stage.cleanup()
-    timings["sft_s"] = time.perf_counter() - started
-
-    # 2. The SFT result in the official layout; 3. GRPO from it.
-    ema = cfg.export_ema and sft_cfg.train.ema_decay > 0 and not sft_cfg.lora.enabled
-    export(out / "sft", out / "sft_export", ema=ema)
-    x2t_cfg = load_recipe(X2TConfig, cfg.rl.recipe, [*cfg.rl.overrides, f"output_dir={out / 'rl'}",
-                                                      f"model.checkpoint={out / 'sft_export'}"])  # fmt: skip
-    started = time.perf_counter()
-    if resume and _finished(out / "rl", x2t_cfg.train.steps, "update"):
-        log.info("GRPO already finished in %s", out / "rl")
-        last = {}
-    else:
-        stage = X2TRecipe(x2t_cfg, resume=resume and (out / "rl" / "latest").is_file())
-        stage.setup()
-        try:
-            last = stage.train()
-        finally:
-            stage.cleanup()
-    timings["rl_s"] = time.perf_counter() - started
-
-    report = write_report([out / "sft", out / "rl"], out / "report.html")
-    return {
-        "last": last,
-        "report": str(report),
-        "generation": x2t_cfg.generation,
-        **timings,
-    }
 
 
 def quickstart(
@@ -82,7 +24,7 @@ def quickstart(
     and summarise: held-out accuracy per question type after SFT and after GRPO, and the generation score of the
     model before the understanding SFT, after it and after GRPO."""
     from lance_rl.data.shapes import write_vqa_parquet
-    from lance_rl.pipeline import PipelineConfig
+    from lance_rl.pipeline import PipelineConfig, run_pipeline
     from lance_rl.recipes import RECIPES_DIR
 
     out, t2i = Path(out), Path(t2i)
@@ -113,7 +55,7 @@ def quickstart(
         "x2t quickstart 2/3 and 3/3: SFT, then GRPO with TRL (metrics in %s/*/metrics.jsonl)",
         out,
     )
-    result = run_pipeline(cfg, resume=resume)
+    result = run_pipeline(cfg, resume=resume)  # the shared pipeline: its RL stage is x2t by the recipe's task
     rows = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/accuracy/mean" in r]
 
@@ -129,7 +71,7 @@ def quickstart(
             "after_grpo": pick(evals[-1]),
         },
         "generation_shapes_score": {
-            "before_x2t": generation_score_of(base, result["generation"]),
+            "before_x2t": generation_score_of(base, result["rl_config"].generation),
             "after_sft": evals[0].get("gold/reward/mean"),
             "after_grpo": evals[-1].get("gold/reward/mean"),
         },

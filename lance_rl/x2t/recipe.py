@@ -212,7 +212,7 @@ class X2TRecipe:
         (self.out / "config.json").write_text(json.dumps(to_dict(c), indent=2) + "\n")
         if self.resume:
             resume_latest(self.out, self._load_resumable)
-        elif (self.out / "metrics.jsonl").is_file():
+        if self.resume_from is None and (self.out / "metrics.jsonl").is_file():
             log.warning("%s already holds a run: starting over (add --resume to continue it)", self.out)
             (self.out / "metrics.jsonl").unlink()
         self.metrics = MetricsLog(self.out, "update", t.steps, c.logging, to_dict(c),
