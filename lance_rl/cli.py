@@ -163,7 +163,7 @@ def _x2t_quickstart(args: argparse.Namespace) -> int:
 
 
 def _curves(args: argparse.Namespace) -> int:
-    from lance_rl.curves import write_report
+    from lance_rl.report import write_report
 
     out = write_report(args.runs, args.out)
     print(f"wrote {out} (charts as PNG beside it)")

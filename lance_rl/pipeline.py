@@ -94,7 +94,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     timings["rl_s"] = time.perf_counter() - started
 
     # 4. The report.
-    from lance_rl.curves import write_report
+    from lance_rl.report import write_report
 
     report = write_report([out / "sft", out / "rl"], out / "report.html")
     return {"last": last, "report": str(report), "rl_config": rl_cfg, **timings}

@@ -10,7 +10,8 @@ at the recipes' full shapes, which is how the extrapolation is checked (README, 
 
 Roles: the RL trainer (weights, gradients, AdamW, EMA, the KL reference, activations of one update micro-batch,
 prefix caches), each rollout worker (weights, VAE, a group's KV cache, sampling and decoding peaks), reward actors
-(the scorers' weights); for SFT one data-parallel process per GPU under its strategy. Each GPU's total is compared
+(the scorers' weights); for SFT one data-parallel process per GPU under its strategy; for an x2t recipe (TRL GRPO)
+its one process. Each GPU's total is compared
 with the GPU's memory less `headroom` (10%: allocator fragmentation, CUDA context, kernels' workspaces).
 """
 
@@ -335,6 +336,61 @@ def plan_sft(cfg, gpus: int, gpu_memory_gb: float, headroom: float = 0.10, figur
                      "trainable_parameters": trainable, "activation_bytes_per_token_per_layer": figure.per_target_token}
 
 
+# ------------------------------------------------------------------------------------------------ the x2t plan
+def _vit_tokens(resolution) -> int:
+    """Merged ViT tokens of one square image at `resolution` (a preset's ViT side, or an area side; None: the
+    release's image_768res)."""
+    from lance_rl.model.media import RESOLUTIONS, VIT_MULTIPLE
+
+    side = RESOLUTIONS[resolution][1] if isinstance(resolution, str) else (resolution or RESOLUTIONS["image_768res"][1])
+    return (side // VIT_MULTIPLE) ** 2
+
+
+def plan_x2t(cfg, gpus: int, gpu_memory_gb: float, headroom: float = 0.10, figure: ActivationFigure | None = None) -> dict:
+    """Per-GPU memory of an x2t recipe (TRL GRPO on the understanding expert, one process on one GPU). The
+    understanding expert has the generation expert's widths, so the measured per-token figure of a decoder layer
+    serves for its activations; TRL adds the completions' logits (fp32, with their gradient) and, while it samples,
+    the KV cache of the whole generated batch."""
+    from lance_rl.x2t.recipe import lora_targets
+
+    config, source = model_config(cfg.model.checkpoint)
+    t, g = cfg.train, cfg.grpo
+    precision = "bf16" if t.precision in ("auto", "bf16") else "fp32"
+    e = BYTES[precision]
+    counts = parameter_bytes(config)
+    layers = config.num_hidden_layers
+    if t.policy == "lora":
+        trainable = lora_parameters(config, cfg.lora.rank, [lora_targets(cfg, layers)])
+        frozen = counts["total"]
+    else:  # the understanding expert and lm_head (embed_tokens too unless frozen)
+        head = config.vocab_size * config.hidden_size
+        trainable = counts["understanding_expert"] + head + (0 if cfg.model.freeze_embeddings else head)
+        frozen = counts["total"] - trainable
+    vit = _vit_tokens(cfg.model.resolution) * (2 if cfg.task == "x2t_video" else 1)
+    tokens = vit + TEXT_PREFIX_TOKENS + g.max_completion_length  # one completion row
+    batch = g.prompts_per_step * g.num_generations
+    micro = g.micro_batch_size or batch
+    trains = "lora" if t.policy == "lora" else "generation"
+    figure = figure or activation_figure(config, "t2i", precision, cfg.model.gradient_checkpointing, trains,
+                                         cfg.lora.rank, "cond_only")  # fmt: skip
+    activations = micro * figure.block(tokens, layers)
+    if cfg.model.gradient_checkpointing:
+        full = activation_figure(config, "t2i", precision, False, trains, cfg.lora.rank, "cond_only")
+        activations += micro * tokens * full.per_target_token
+    kv_bytes = 2 * config.num_key_value_heads * config.head_dim * e
+    trainer = {
+        "weights": frozen * e + trainable * 4,
+        "gradients": trainable * 4,
+        "optimizer (AdamW)": trainable * 8,
+        f"activations ({micro} completions of {tokens} tokens)": activations,
+        "completion logits": micro * g.max_completion_length * config.vocab_size * 4 * 2,
+        f"sampling KV cache ({batch} completions)": batch * tokens * layers * kv_bytes,
+    }
+    result = _place({"trainer": trainer}, [("trainer", 1.0)], gpus, gpu_memory_gb, headroom)
+    return result | {"recipe_kind": "x2t", "model": source, "precision": precision, "trainable_parameters": trainable,
+                     "tokens_per_completion": tokens, "activation_bytes_per_token_per_layer": figure.per_target_token}
+
+
 # ------------------------------------------------------------------------------------------------ placement
 def _place(roles: dict, placement: list[tuple[str, float]], gpus: int, gpu_memory_gb: float, headroom: float) -> dict:
     """Put roles on GPUs in order (a role asking for a GPU share shares a GPU until it is full; a role with no GPU
@@ -375,8 +431,9 @@ def plan(recipe: str, gpus: int, gpu_memory_gb: float = 80.0, overrides: list[st
 
     data = yaml.safe_load(Path(recipe).read_text()) or {}
     if str(data.get("task", "")).startswith("x2t"):
-        raise ValueError(f"{recipe} is an x2t recipe (TRL GRPO on the understanding expert), which `lance-rl plan` "
-                         "does not plan yet: its header gives the estimate")  # fmt: skip
+        from lance_rl.x2t.config import X2TConfig
+
+        return plan_x2t(load_recipe(X2TConfig, recipe, overrides), gpus, gpu_memory_gb)
     if "rewards" in data:
         from lance_rl.rl_config import RLConfig
 

@@ -12,7 +12,7 @@ from lance_rl.plan import parameter_bytes, plan_rl, lora_parameters
 from lance_rl.rl_config import RLConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-# flow-GRPO recipes; x2t recipes (TRL) are refused by the planner, which says so.
+# flow-GRPO recipes (the x2t recipe runs one process: its own test).
 RL_3B = sorted(p for p in (ROOT / "recipes" / "lance-3b").glob("*.yaml")
                if "rewards:" in p.read_text() and "task: x2t" not in p.read_text())  # fmt: skip
 
@@ -55,9 +55,14 @@ def test_planned_activations_agree_with_saved_tensor_accounting(tmp_path, checkp
     assert planned == pytest.approx(expected, rel=0.10), (planned, expected)
 
 
-def test_an_x2t_recipe_is_refused_by_name(capsys):
-    assert main(["plan", str(ROOT / "recipes/lance-3b/x2t_vqa.yaml"), "--gpus", "1"]) != 0
-    assert "x2t recipe" in capsys.readouterr().err
+def test_the_3b_x2t_recipe_fits_one_gpu_and_its_parts_add_up(capsys):
+    """TRL GRPO on the understanding expert: one process; LoRA state exact, weights the whole bf16 model."""
+    assert main(["plan", str(ROOT / "recipes/lance-3b/x2t_vqa.yaml"), "--gpus", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    trainer = result["roles"]["trainer"]
+    assert result["fits"] and result["gpus"][0]["total_gb"] == pytest.approx(sum(trainer.values()), abs=0.01)
+    assert trainer["weights"] == pytest.approx(6_845_501_488 * 2 / 1e9 + result["trainable_parameters"] * 4 / 1e9, rel=1e-6)
+    assert trainer["optimizer (AdamW)"] == pytest.approx(2 * trainer["gradients"], abs=1e-5)  # GB, rounded to 6 places
 
 
 @pytest.mark.parametrize("path", RL_3B, ids=lambda p: p.name)

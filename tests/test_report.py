@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from lance_rl.curves import chart_lines, load_runs, write_report
+from lance_rl.curves import chart_lines, load_runs
+from lance_rl.report import write_report
 
 CHROMIUM = Path(os.environ.get("LANCE_RL_CHROMIUM", "/usr/bin/chromium"))
 README_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "report.png"
