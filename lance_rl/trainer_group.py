@@ -173,4 +173,6 @@ class TrainerGroup:
 
     def close(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
+            # Tear down together: a rank that destroys its group while a peer still talks to it can abort at exit.
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
