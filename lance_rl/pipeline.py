@@ -49,6 +49,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     from lance_rl import sft
     from lance_rl.export import export
     from lance_rl.sft_config import SFTConfig
+    from lance_rl.trainer import run_recipe
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,12 +64,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     if resume and _finished(out / "sft", sft_cfg.train.steps, "step"):
         log.info("SFT already finished in %s", out / "sft")
     else:
-        recipe = sft.SFTRecipe(sft_cfg, resume=resume)
-        recipe.setup()
-        try:
-            recipe.train()
-        finally:
-            recipe.cleanup()
+        run_recipe(sft.SFTRecipe(sft_cfg, resume=resume))
     timings["sft_s"] = time.perf_counter() - started
 
     # 2. The SFT result in the official layout.
@@ -85,12 +81,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
         log.info("RL already finished in %s", out / "rl")
         last = {}
     else:
-        recipe = recipe_class(rl_cfg, resume=resume)
-        recipe.setup()
-        try:
-            last = recipe.train()
-        finally:
-            recipe.cleanup()
+        last = run_recipe(recipe_class(rl_cfg, resume=resume))
     timings["rl_s"] = time.perf_counter() - started
 
     # 4. The report.

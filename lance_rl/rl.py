@@ -40,6 +40,7 @@ from lance_rl.trainer import (
     read_trainer_state,
     resolve_precision,
     resume_latest,
+    run_recipe,
     select_device,
 )
 
@@ -301,9 +302,10 @@ class RLRecipe:
         if self.ema is not None:
             row["ema_decay"] = self.ema.decay
         # Per-sample values of this rank's groups, summarised over every rank's (rank 0 writes the row).
+        names = {name for out in scored for name in out.details}
         values = {f"rewards/{name}": torch.tensor([float(v) for out in scored for v in out.details.get(name, [])
                                                    if isinstance(v, (int, float)) and not isinstance(v, bool)])
-                  for out in scored for name in out.details}  # fmt: skip
+                  for name in names}  # fmt: skip
         values |= {key: torch.cat(stats[key]).float() for key in ("policy_loss", "kl", "kl_exact", "ratio", "clipped",
                                                                    "nft_positive", "nft_negative") if stats[key]}  # fmt: skip
         if stats["log_ratio"]:
@@ -463,10 +465,4 @@ def _jsonable(x):
 
 
 def recipe_main(config_path: str | None, overrides: list[str], resume: bool = False) -> dict:
-    cfg = load_recipe(RLConfig, config_path, overrides)
-    recipe = RLRecipe(cfg, resume=resume)
-    try:
-        recipe.setup()
-        return recipe.train()
-    finally:
-        recipe.cleanup()
+    return run_recipe(RLRecipe(load_recipe(RLConfig, config_path, overrides), resume=resume))

@@ -35,7 +35,14 @@ import torch
 from lance_rl.config import load_recipe, to_dict
 from lance_rl.distributed import barrier, gather_objects, sum_over_processes
 from lance_rl.sft_config import DataSection, SFTConfig, TrainSection, check_before_loading
-from lance_rl.trainer import MetricsLog, read_safetensors, read_trainer_state, resolve_precision, resume_latest
+from lance_rl.trainer import (
+    MetricsLog,
+    read_safetensors,
+    read_trainer_state,
+    resolve_precision,
+    resume_latest,
+    run_recipe,
+)
 
 log = logging.getLogger("lance_rl.sft")
 
@@ -367,10 +374,4 @@ def _save_weights_only(model, path: Path) -> None:
 
 
 def recipe_main(config_path: str | None, overrides: list[str], resume: bool = False) -> dict:
-    cfg = load_recipe(SFTConfig, config_path, overrides)
-    recipe = SFTRecipe(cfg, resume=resume)
-    try:
-        recipe.setup()
-        return recipe.train()
-    finally:
-        recipe.cleanup()
+    return run_recipe(SFTRecipe(load_recipe(SFTConfig, config_path, overrides), resume=resume))

@@ -39,6 +39,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def run_recipe(recipe) -> dict:
+    """Set up and train a recipe (SFT, flow-GRPO or x2t), cleaning up whatever set-up got to, failed or not; returns
+    the last metrics row."""
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()
+
+
 # ------------------------------------------------------------------------------------------------ optimizer
 def build_optimizer(params: list[torch.nn.Parameter], o: OptimSection, total_steps: int):
     """AdamW and its schedule: linear warm-up over `warmup_steps`, then constant or cosine down to `min_lr` at

@@ -239,7 +239,9 @@ def read_media(
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _as_frames(frames) -> np.ndarray:
+def as_frames(frames) -> np.ndarray:
+    """uint8 [T, H, W, 3] from an [H, W, 3] or [T, H, W, 3] array or tensor; anything else raises ValueError
+    naming its dtype and shape."""
     if isinstance(frames, torch.Tensor):
         frames = frames.detach().cpu().numpy()
     frames = np.asarray(frames)
@@ -263,7 +265,7 @@ def to_uint8(x) -> np.ndarray:
 
 def write_png(frame, path) -> None:
     """Write one ``[H, W, 3]`` (or ``[1, H, W, 3]``) uint8 frame as PNG (lossless)."""
-    frames = _as_frames(frame)
+    frames = as_frames(frame)
     if frames.shape[0] != 1:
         raise ValueError(f"write_png takes one frame, got {frames.shape[0]}")
     Image.fromarray(frames[0]).save(path, format="PNG")
@@ -279,7 +281,7 @@ def write_mp4(frames, path, fps: float = 12, crf: int = 18) -> None:
     yuv420p subsamples chroma 2x2, so an odd height / width is padded by one pixel (the last row / column
     repeated); the model's outputs are multiples of 16 and never need it.
     """
-    frames = _as_frames(frames)
+    frames = as_frames(frames)
     _, h, w, _ = frames.shape
     if h % 2 or w % 2:
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
@@ -298,7 +300,7 @@ def write_gif(frames, path, fps: float = 12) -> None:
     PIL's GIF writer is not used because it merges identical consecutive frames, changing the frame count.
     GIF delays are whole centiseconds, so the stored rate is approximate (12 fps -> 80 ms, 12.5 fps).
     """
-    frames = _as_frames(frames)
+    frames = as_frames(frames)
     with av.open(str(path), mode="w", format="gif") as c:
         stream = c.add_stream("gif", rate=_rate(fps))
         stream.height, stream.width = frames.shape[1:3]
@@ -371,7 +373,7 @@ def bucket_resize(frames, area_side: int, multiple: int = VAE_MULTIPLE) -> np.nd
 
     Upscales small inputs as the release does (its ``downsample_only`` flag does not reach ``BucketResize``).
     """
-    frames = _as_frames(frames)
+    frames = as_frames(frames)
     _, height, width, _ = frames.shape
     bh, bw = bucket_size(height, width, area_side, multiple)
     top, left, h, w = _crop_box(height, width, bw / bh)
@@ -386,7 +388,7 @@ def bucket_resize(frames, area_side: int, multiple: int = VAE_MULTIPLE) -> np.nd
 
 def divisible_crop(frames, multiple: int) -> np.ndarray:
     """Centre crop H and W down to multiples of ``multiple`` (torchvision ``center_crop`` offsets)."""
-    frames = _as_frames(frames)
+    frames = as_frames(frames)
     _, height, width, _ = frames.shape
     h, w = height - height % multiple, width - width % multiple
     if h == 0 or w == 0:
@@ -434,6 +436,6 @@ def vit_tensor(frames, resolution: str | int) -> torch.Tensor:
 __all__ = [
     "MediaError", "RESOLUTIONS", "ASPECT_RATIOS", "CLIP_MEAN", "CLIP_STD", "MIN_SIDE",
     "read_image", "read_video", "read_media", "sample_frame_indices",
-    "write_png", "write_mp4", "write_gif", "to_uint8",
+    "write_png", "write_mp4", "write_gif", "to_uint8", "as_frames",
     "buckets", "bucket_size", "bucket_resize", "divisible_crop", "vae_tensor", "vit_tensor",
 ]

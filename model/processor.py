@@ -15,6 +15,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from .config import LanceConfig
+from .media import as_frames, vit_tensor
 from .tokenizer import (
     IM_END,
     IM_START,
@@ -35,14 +36,7 @@ def _frames(item) -> np.ndarray:
         return np.asarray(item.convert("RGB"))[None]
     if isinstance(item, (list, tuple)):
         return np.concatenate([_frames(f) for f in item])
-    if hasattr(item, "detach"):
-        item = item.detach().cpu().numpy()
-    x = np.asarray(item)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
-        raise ValueError(f"media must be uint8 RGB [H, W, 3] or [T, H, W, 3] (or PIL), got {x.dtype} {tuple(x.shape)}")
-    return x
+    return as_frames(item)
 
 
 def _is_clip(item) -> bool:
@@ -193,7 +187,6 @@ class LanceProcessor(ProcessorMixin):
         return self._encode(texts, media, padding=padding, return_tensors=return_tensors)
 
     def _encode(self, texts, media, padding=False, return_tensors=None) -> BatchFeature:
-        from .media import vit_tensor
         from .vision import patchify_video
 
         tok = self.lance_tokenizer

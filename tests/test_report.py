@@ -181,17 +181,13 @@ def reported_run(tmp_path_factory, sft_tiny):
     from lance_rl.config import load_recipe
     from lance_rl.rl import RLRecipe
     from lance_rl.rl_config import RLConfig
+    from lance_rl.trainer import run_recipe
 
     out = tmp_path_factory.mktemp("reported")
     model = sft_tiny / "checkpoints" / "step_0000200" / "model"
     overrides = small(out / "rl", model, "rewards={jpeg_incompressibility: 1.0}", "eval.every=1",
                       "eval.gold_rewards={jpeg_compressibility: 1.0}", "logging.every=1")  # fmt: skip
-    recipe = RLRecipe(load_recipe(RLConfig, RECIPE, overrides))
-    recipe.setup()
-    try:
-        recipe.train()
-    finally:
-        recipe.cleanup()
+    run_recipe(RLRecipe(load_recipe(RLConfig, RECIPE, overrides)))
     return write_report([sft_tiny, out / "rl"], out / "report.html"), out / "rl"
 
 

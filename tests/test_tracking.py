@@ -134,6 +134,7 @@ def tracked_run(tmp_path_factory, tiny_ckpt):
     from lance_rl.config import load_recipe
     from lance_rl.rl import RLRecipe
     from lance_rl.rl_config import RLConfig
+    from lance_rl.trainer import run_recipe
 
     out = tmp_path_factory.mktemp("tracked") / "run"
     overrides = small(out, tiny_ckpt, "rewards={jpeg_incompressibility: 1.0}", "eval.every=1",
@@ -141,12 +142,7 @@ def tracked_run(tmp_path_factory, tiny_ckpt):
                       "logging.wandb={project: lance-rl-tests, name: tracked, mode: offline}")  # fmt: skip
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_SILENT", "true")
-        recipe = RLRecipe(load_recipe(RLConfig, RECIPE, overrides))
-        recipe.setup()
-        try:
-            recipe.train()
-        finally:
-            recipe.cleanup()
+        run_recipe(RLRecipe(load_recipe(RLConfig, RECIPE, overrides)))
     return out
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lance_rl.config import RecipeError, load_recipe, to_dict
+from lance_rl.trainer import run_recipe
 from lance_rl.x2t.config import (
     NAMED_DATA,
     GenerationSection,
@@ -478,10 +479,4 @@ def _callback(recipe: X2TRecipe):
 
 
 def recipe_main(config_path: str | None, overrides: list[str], resume: bool = False) -> dict:
-    cfg = load_recipe(X2TConfig, config_path, overrides)
-    recipe = X2TRecipe(cfg, resume=resume)
-    try:
-        recipe.setup()
-        return recipe.train()
-    finally:
-        recipe.cleanup()
+    return run_recipe(X2TRecipe(load_recipe(X2TConfig, config_path, overrides), resume=resume))
