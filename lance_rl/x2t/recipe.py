@@ -401,9 +401,10 @@ class X2TRecipe:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """checkpoints/update_NNNNN/: the PEFT adapter (+ base_checkpoint.txt), or the model in the official layout,
-        and trl/ (TRL's state: optimizer, schedule, RNG, data position) for --resume; then `latest`. `lance-rl export
-        RUN` turns either into an official-layout directory."""
+        """checkpoints/update_NNNNN/: trl/ (TRL's save: the weights, optimizer, schedule, RNG, data position) for
+        --resume, and the weights alone as `lance-rl export RUN` reads them: adapter/ (+ base_checkpoint.txt) or
+        model/ (the official layout). TRL wrote those weights through the same save_pretrained, so they are
+        hard-linked from trl/, not written twice (15 GB per checkpoint for full training at 3B)."""
         import shutil
 
         from lance_rl.checkpointing import new_checkpoint
@@ -411,12 +412,11 @@ class X2TRecipe:
         name = f"update_{self.update:05d}"
         trl_state = Path(self.trainer.args.output_dir) / f"checkpoint-{self.update}"
         with new_checkpoint(self.out, name, self.cfg.checkpoint.keep_last) as tmp:
-            if self.cfg.train.policy == "lora":
-                self.trainer.model.save_pretrained(str(tmp / "adapter"))
-                (tmp / "adapter" / "base_checkpoint.txt").write_text(str(Path(self.cfg.model.checkpoint).resolve()) + "\n")
-            else:
-                self.model.save_pretrained(tmp / "model")
             shutil.move(str(trl_state), tmp / "trl")
+            weights = tmp / ("adapter" if self.cfg.train.policy == "lora" else "model")
+            _link_weights(tmp / "trl", weights)
+            if self.cfg.train.policy == "lora":
+                (weights / "base_checkpoint.txt").write_text(str(Path(self.cfg.model.checkpoint).resolve()) + "\n")
             torch.save({"update": self.update}, tmp / "trainer_state.pt")
         return self.out / "checkpoints" / name
 
@@ -437,6 +437,28 @@ class X2TRecipe:
     def cleanup(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+
+
+# What TRL's save holds besides the weights (transformers' Trainer file names).
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
+
+
+def _link_weights(state: Path, weights: Path) -> None:
+    """The files of TRL's save other than its training state, hard-linked into `weights` (copied where the filesystem
+    cannot link)."""
+    import os
+    import shutil
+
+    for src in sorted(state.rglob("*")):
+        relative = src.relative_to(state)
+        if src.is_dir() or relative.as_posix() in TRAINING_STATE:
+            continue
+        target = weights / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, target)
+        except OSError:
+            shutil.copy2(src, target)
 
 
 def _mean(values) -> float | None:
