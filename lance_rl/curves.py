@@ -105,10 +105,9 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
 def add_minutes(rows: list[dict]) -> None:
     """`minutes`: wall-clock since the run's first logged row (its starting evaluation), the x axis that compares
     algorithms at an equal budget (a resumed run's pause counts too)."""
-    times = [r["time"] for r in rows if finite(r.get("time"))]
-    for r in rows:
-        if times and finite(r.get("time")):
-            r["minutes"] = (r["time"] - times[0]) / 60
+    timed = [r for r in rows if finite(r.get("time"))]
+    for r in timed:
+        r["minutes"] = (r["time"] - timed[0]["time"]) / 60
 
 
 def _series(rows: list[dict], x: str, key: str) -> tuple[np.ndarray, np.ndarray]:
