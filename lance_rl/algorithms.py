@@ -196,13 +196,20 @@ class DiffusionNFT(FlowGRPO):
         return self.old
 
     def terms_per_sample(self, result, sampler) -> int:
-        return len(self._timestep_choices())
+        return min(self.recipe.cfg.sampler.window_size or len(self._grid()), len(self._grid()))
 
-    def _timestep_choices(self) -> list[int]:
+    def training_steps(self, num_samples: int, gen: torch.Generator) -> torch.Tensor:
+        """[num_samples, terms]: for each sample, `sampler.window_size` distinct steps of the grid drawn at random
+        inside `sampler.window_range` (all of them, shuffled, with window_size 0), so a group trains the whole range."""
+        grid = torch.tensor(self._grid())
+        k = min(self.recipe.cfg.sampler.window_size or len(grid), len(grid))
+        return torch.stack([grid[torch.randperm(len(grid), generator=gen)[:k]] for _ in range(num_samples)])
+
+    def _grid(self) -> list[int]:
+        """The steps of the sampling grid whose timesteps a sample may be trained at (`sampler.window_range`)."""
         s = self.recipe.cfg.sampler
         first, stop = s.window_range or (0, s.num_steps - 1)
-        grid = list(range(first, stop))
-        return grid[: s.window_size] if s.window_size else grid
+        return list(range(first, stop))
 
     def after_update(self, optimizer_steps: int) -> None:
         n = self.cfg.nft
@@ -229,15 +236,15 @@ class DiffusionNFT(FlowGRPO):
         prob = optimality_probability(adv.to(dev), a.adv_clip_max)
         trained = trained.to(dev)
         shaped_by_training = r.policy.prefix_depends_on_training(req.task)
-        choices = self._timestep_choices()
-        # Per sample, its own order of the grid's timesteps and fresh noise, seeded by (run, update, request, row).
+        terms_per_sample = self.terms_per_sample(res, sampler)
+        # Per sample its own steps and fresh noise, seeded by (run, update, request).
         seed = (r.cfg.train.seed * 1_000_003 + r.update) * 10_007 + req.request_id
         gen = torch.Generator().manual_seed(seed)
-        order = torch.stack([torch.tensor(choices)[torch.randperm(len(choices), generator=gen)] for _ in range(len(adv))])
-        noise = torch.randn((len(choices), *x0_all.shape), generator=gen).to(dev)
+        order = self.training_steps(len(adv), gen)
+        noise = torch.randn((terms_per_sample, *x0_all.shape), generator=gen).to(dev)
         for rows, mask, prefix, ref_prefix in self._micro_batches(req, trained, shaped_by_training):
             x0 = x0_all[rows]
-            for k in range(len(choices)):
+            for k in range(terms_per_sample):
                 t = times[order[rows, k].to(dev)].float()  # [n]: each row its own timestep
                 x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise[k, rows]
                 with r.policy.autocast():
@@ -252,7 +259,7 @@ class DiffusionNFT(FlowGRPO):
                     kl = ((v.float() - v_ref.float()) ** 2).mean(dim=(1, 2))
                     loss = loss + a.beta * (kl * mask).sum()
                     stats["kl"].append(kl.detach()[mask.bool()].cpu())
-                (loss / terms).backward(retain_graph=shaped_by_training and k < len(choices) - 1)
+                (loss / terms).backward(retain_graph=shaped_by_training and k < terms_per_sample - 1)
                 keep = mask.bool().cpu()
                 stats["policy_loss"].append(out.per_sample.detach().cpu()[keep])
                 stats["nft_positive"].append(out.positive.cpu()[keep])

@@ -137,11 +137,13 @@ def _quickstart(args: argparse.Namespace) -> int:
 
     result = quickstart(args.out or "runs/quickstart", resume=not args.fresh)
     before, after = result["heldout"]["after_sft"], result["heldout"]["after_rl"]
-    print("\nheld-out shapes accuracy (24 captions never trained on, 2 samples each, ODE, fixed seeds):")
-    print(f"  {'':10} {'after SFT':>10} {'after RL':>10}")
-    for key in ("shapes", "strict", "color", "count", "position", "shape"):
+    e = result["eval"]
+    print(f"\nheld-out shapes accuracy ({e['num_prompts']} captions never trained on, {e['samples_per_prompt']} samples "
+          f"each, ODE, fixed seeds; background_tint: how far the canvas is from white, lower is cleaner):")
+    print(f"  {'':16} {'after SFT':>10} {'after RL':>10}")
+    for key in ("shapes", "strict", "color", "count", "position", "shape", "background_tint"):
         if key in before:
-            print(f"  {key:10} {before[key]:>10.3f} {after[key]:>10.3f}")
+            print(f"  {key:16} {before[key]:>10.3f} {after[key]:>10.3f}")
     print(f"\nSFT {result['sft_s']:.0f} s, RL {result['rl_s']:.0f} s. Report: {result['report']}")
     return 0
 

@@ -54,7 +54,8 @@ class RLRecipe:
         self.inputs = check_before_loading(cfg)  # every check that needs no weights, before any loads
         self.cfg, self.resume = cfg, resume
         # One guidance setting for the rollouts, the update and the evaluation.
-        self.cfg_guidance = CFGConfig(scale=cfg.sampler.cfg_scale, interval=tuple(cfg.sampler.cfg_interval))
+        self.cfg_guidance = CFGConfig(scale=cfg.sampler.cfg_scale, interval=tuple(cfg.sampler.cfg_interval),
+                                      renorm=cfg.sampler.cfg_renorm)
         self.algorithm = ALGORITHMS[cfg.algorithm.name](self)  # the update's loss and how rollouts sample
         self.out = Path(cfg.output_dir)
         self.update = 0

@@ -50,6 +50,8 @@ class SamplerSection:
     window_range: tuple[int, int] | None = None  # where the window may start and end (default: all but the last step)
     cfg_scale: float = 4.0  # 1 gives the CFG-free recipe (RL as CFG distillation)
     cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm: Literal["global", "channel", "none"] = "global"  # the release's: the guided velocity is scaled down
+    # to the conditional one's norm (spec 3.3); "none" for models it starves of denoising (the quickstart's, measured)
     same_noise_in_group: bool = False  # every group member starts from the same noise (Flow-GRPO's same_latent)
 
     def __post_init__(self):
@@ -220,6 +222,16 @@ class RLConfig:
                               f"train.num_trainers ({self.train.num_trainers}): each rank trains whole groups")  # fmt: skip
         if self.algorithm.name == "grpo_guard" and self.sampler.kind != "sde":
             raise RecipeError("algorithm.name grpo_guard normalises the SDE step's ratio: it needs sampler.kind: sde")
+        if self.algorithm.name == "diffusion_nft":
+            # DiffusionNFT samples with the ODE and has no likelihood ratio: the SDE's and the clip's settings would be
+            # accepted and then ignored.
+            unused = [f"{section}.{name}" for section, obj, name in (
+                ("sampler", self.sampler, "kind"), ("sampler", self.sampler, "noise_level"),
+                ("algorithm", self.algorithm, "clip_range"), ("algorithm", self.algorithm, "clip_range_high"))
+                if getattr(obj, name) != getattr(type(obj)(), name)]  # fmt: skip
+            if unused:
+                raise RecipeError(f"{', '.join(unused)} apply to the SDE algorithms; diffusion_nft samples with the ODE "
+                                  "and clips no ratio: leave them at their defaults")  # fmt: skip
         n = self.sampler.num_steps
         first, stop = self.sampler.window_range or (0, n - 1)
         if not 0 <= first < stop <= n - 1 or self.sampler.window_size > stop - first:

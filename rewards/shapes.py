@@ -1,7 +1,7 @@
 """`shapes`: an exact, GenEval-like checker for the shapes world (colour, shape, count and position).
 
-The world: a white canvas with 1-3 flat shapes of one colour and one kind, placed in one half of the image, captioned
-"two red circles on the left". The checker segments the image by the palette, finds connected components, and checks
+The world: a white canvas with one or two flat shapes of one colour and one kind, placed in one half of the image,
+captioned "two red circles on the left". The checker segments the image by the palette, finds connected components, and checks
 each attribute of the caption:
 
     canvas    (a gate) at least half the image is near-white background, else every attribute fails
@@ -12,7 +12,8 @@ each attribute of the caption:
               square ~1, circle ~pi/4, triangle ~1/2, with tolerant bands so ragged edges do not decide)
 
 Score: the mean of the four attributes (partial credit, so groups vary early in training); `strict` (all four) is
-reported in the details, like GenEval's accuracy. Prompts that are not shapes captions score None.
+reported in the details, like GenEval's accuracy, and so is `background_tint`, how far the canvas around the shapes
+is from white (0 in every image of the world). Prompts that are not shapes captions score None.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 200, 0),
 }
 SHAPES = ("circle", "square", "triangle")
-COUNTS = {"one": 1, "two": 2, "three": 3}
+COUNTS = {"one": 1, "two": 2}
 POSITIONS = ("left", "right", "top", "bottom")
 ATTRIBUTES = ("color", "count", "position", "shape")
 
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 _CAPTION = re.compile(
-    r"^\s*(?P<count>one|two|three)\s+(?P<color>\w+)\s+(?P<shape>circle|circles|square|squares|triangle|triangles)"
+    rf"^\s*(?P<count>{'|'.join(COUNTS)})\s+(?P<color>\w+)\s+(?P<shape>circle|circles|square|squares|triangle|triangles)"
     r"\s+(?:on|at)\s+the\s+(?P<position>left|right|top|bottom)\b"
 )
 
@@ -64,7 +65,7 @@ class ShapesPrompt:
 
 
 def all_prompts() -> list[ShapesPrompt]:
-    """Every caption of the world: 4 colours x 3 shapes x 3 counts x 4 positions = 144."""
+    """Every caption of the world: 4 colours x 3 shapes x 2 counts x 4 positions = 96."""
     return [ShapesPrompt(c, s, n, p) for c in COLORS for s in SHAPES for n in COUNTS.values() for p in POSITIONS]
 
 
@@ -91,14 +92,9 @@ def segment(image: np.ndarray, max_distance: float = 90.0, min_area: int = 4) ->
     A pixel belongs to the palette colour it is nearest to, if within `max_distance` (RGB, Euclidean) and nearer to it
     than to white; components smaller than `min_area` pixels are noise.
     """
-    img = image.astype(np.float32)
-    names = list(COLORS)
-    palette = np.array([COLORS[n] for n in names] + [(255, 255, 255)], dtype=np.float32)
-    dist = np.linalg.norm(img[:, :, None, :] - palette[None, None], axis=-1)  # [H, W, colours + white]
-    nearest = dist.argmin(-1)
-    labels = np.where((nearest < len(names)) & (dist.min(-1) <= max_distance), nearest, -1)
+    labels = palette_labels(image, max_distance)
     components = []
-    for index, name in enumerate(names):
+    for index, name in enumerate(COLORS):
         for pixels in _components(labels == index):
             if len(pixels) < min_area:
                 continue
@@ -106,6 +102,31 @@ def segment(image: np.ndarray, max_distance: float = 90.0, min_area: int = 4) ->
             box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
             components.append(Component(name, len(pixels), (float(ys.mean()), float(xs.mean())), len(pixels) / box))
     return components
+
+
+def palette_labels(image: np.ndarray, max_distance: float = 90.0) -> np.ndarray:
+    """int [H, W]: the index (in COLORS) of the palette colour each pixel belongs to, -1 for none (see `segment`)."""
+    names = list(COLORS)
+    palette = np.array([COLORS[n] for n in names] + [(255, 255, 255)], dtype=np.float32)
+    dist = np.linalg.norm(image.astype(np.float32)[:, :, None, :] - palette[None, None], axis=-1)  # [H, W, colours + 1]
+    nearest = dist.argmin(-1)
+    return np.where((nearest < len(names)) & (dist.min(-1) <= max_distance), nearest, -1)
+
+
+def background_tint(image: np.ndarray) -> float:
+    """How far the canvas is from white: the mean of |255 - value| / 255 over the channels of every pixel that is
+    neither a palette colour nor next to one (the shapes' own edges are not canvas). 0 for a clean white canvas, as
+    every image of the world has; a model's grey or tinted canvas, blotches and checkerboard patch seams raise it."""
+    shape = palette_labels(image) >= 0
+    near = shape.copy()  # dilate by one pixel (8-neighbourhood): blurred edges belong to the shape
+    near[1:] |= shape[:-1]
+    near[:-1] |= shape[1:]
+    near[:, 1:] |= near[:, :-1].copy()
+    near[:, :-1] |= near[:, 1:].copy()
+    canvas = ~near
+    if not canvas.any():
+        return 1.0
+    return float(np.abs(255.0 - image.astype(np.float32)[canvas]).mean() / 255.0)
 
 
 def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
@@ -161,7 +182,7 @@ def _in_half(centroid: tuple[float, float], position: str, h: int, w: int) -> bo
 def score_images(images, prompts) -> tuple[list[float | None], dict[str, list]]:
     """Partial-credit scores (mean of the four attributes) and per-attribute details; None for non-shapes prompts."""
     scores: list[float | None] = []
-    details: dict[str, list] = {a: [] for a in (*ATTRIBUTES, "strict")}
+    details: dict[str, list] = {a: [] for a in (*ATTRIBUTES, "strict", "background_tint")}
     for image, text in zip(images, prompts):
         prompt = ShapesPrompt.parse(text)
         if prompt is None:
@@ -171,8 +192,9 @@ def score_images(images, prompts) -> tuple[list[float | None], dict[str, list]]:
             continue
         result = check(np.asarray(image), prompt)
         scores.append(sum(result[a] for a in ATTRIBUTES) / len(ATTRIBUTES))
-        for k in details:
+        for k in (*ATTRIBUTES, "strict"):
             details[k].append(float(result[k]))
+        details["background_tint"].append(background_tint(np.asarray(image)))
     return scores, details
 
 

@@ -71,6 +71,23 @@ def test_grpo_guard_ratio_has_unit_mean_at_every_step_while_the_raw_ratio_drifts
     assert raw_means[-1] < 0.98 and raw_means[-1] < raw_means[0], raw_means  # Flow-GRPO's ratio sinks at low noise
 
 
+def test_diffusion_nft_trains_each_sample_at_its_own_steps_of_the_whole_range():
+    from types import SimpleNamespace
+
+    from lance_rl.algorithms import DiffusionNFT
+
+    nft = DiffusionNFT.__new__(DiffusionNFT)
+    nft.recipe = SimpleNamespace(cfg=SimpleNamespace(sampler=SimpleNamespace(num_steps=10, window_size=3, window_range=(0, 9))))
+    steps = nft.training_steps(64, torch.Generator().manual_seed(0))
+    assert steps.shape == (64, 3) and nft.terms_per_sample(None, None) == 3
+    assert all(len(set(row.tolist())) == 3 for row in steps)  # distinct steps within a sample
+    assert set(steps.flatten().tolist()) == set(range(9))  # the whole range is trained, not its first steps
+    assert len({tuple(row.tolist()) for row in steps}) > 32  # and samples differ
+    nft.recipe.cfg.sampler.window_size = 0  # every step of the range, in each sample's own order
+    every = nft.training_steps(4, torch.Generator().manual_seed(0))
+    assert every.shape == (4, 9) and all(sorted(row.tolist()) == list(range(9)) for row in every)
+
+
 def test_mix_grpo_window_slides_from_high_to_low_noise_and_wraps(tmp_path, tiny_ckpt):
     cfg = load_recipe(RLConfig, RECIPE, [f"output_dir={tmp_path}", f"model.checkpoint={tiny_ckpt}", "algorithm.name=mix_grpo",
                                          "algorithm.mix.shift_every=3", "sampler.window_size=2", "sampler.window_range=[0, 6]"])  # fmt: skip
@@ -87,6 +104,9 @@ def test_mix_grpo_window_slides_from_high_to_low_noise_and_wraps(tmp_path, tiny_
     with pytest.raises(RecipeError, match="grpo_guard normalises the SDE step's ratio"):
         load_recipe(RLConfig, RECIPE, [f"output_dir={tmp_path}", f"model.checkpoint={tiny_ckpt}", "algorithm.name=grpo_guard",
                                        "sampler.kind=cps"])  # fmt: skip
+    with pytest.raises(RecipeError, match="sampler.noise_level, algorithm.clip_range apply to the SDE algorithms"):
+        load_recipe(RLConfig, RECIPE, [f"output_dir={tmp_path}", f"model.checkpoint={tiny_ckpt}", "algorithm.name=diffusion_nft",
+                                       "sampler.noise_level=1.0", "algorithm.clip_range=2e-4"])  # fmt: skip
 
 
 SHAPES_RUN = ["prompts.height=16", "prompts.width=16", "sampler.num_steps=6", "sampler.window_size=2",
@@ -97,7 +117,7 @@ SETTINGS = {
     "flow_grpo": ["optim.lr=3e-3", "algorithm.clip_range=0.05"],
     "mix_grpo": ["optim.lr=3e-3", "algorithm.clip_range=0.05", "algorithm.mix.shift_every=2"],
     "grpo_guard": ["optim.lr=3e-3", "algorithm.clip_range=0.01"],
-    "diffusion_nft": ["optim.lr=3e-3", "sampler.window_size=2"],
+    "diffusion_nft": ["optim.lr=3e-3", "sampler.window_size=2", "algorithm.adv_clip_max=1", "algorithm.nft.beta=0.1"],
 }
 
 

@@ -50,7 +50,7 @@ def write(path, content: bytes | str):
         (["logging.every=0"], "logging.every must be at least 1"),
         (["prompts.height=18"], "prompts.height/width/num_frames: PatchVAE needs height and width that are positive multiples of 4"),
         (["prompts.height=1024", "prompts.width=1024"], "beyond the model's"),
-        (["algorithm.prompts_per_update=500"], "algorithm.prompts_per_update is 500 but prompts.train holds 120 prompts"),
+        (["algorithm.prompts_per_update=500"], "algorithm.prompts_per_update is 500 but prompts.train holds 72 prompts"),
         (["eval.gold_rewards={nothing_here: 1.0}"], "eval.gold_rewards.nothing_here: unknown reward"),
         (["lora.dropout=0.05"], "lora.dropout is 0.05"),
     ],

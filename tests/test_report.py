@@ -7,7 +7,7 @@ it is skipped, saying which is missing, without them. To retake the README's scr
 
     LANCE_RL_README_RUN=runs/quickstart python -m pytest -q tests/test_report.py -k readme
 
-which checks that run's report in the browser and writes docs/report.png.
+which checks that run's report in the browser and writes docs/report.png and docs/samples.png.
 """
 
 import html
@@ -23,6 +23,7 @@ from lance_rl.report import write_report
 
 CHROMIUM = Path(os.environ.get("LANCE_RL_CHROMIUM", "/usr/bin/chromium"))
 README_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "report.png"
+README_SAMPLES = README_SCREENSHOT.parent / "samples.png"
 # Headless flags that work in containers and reach no network (the report is one self-contained file).
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"]  # fmt: skip
@@ -102,10 +103,10 @@ def browser():
     return sync_playwright, CHROMIUM
 
 
-def open_in_browser(report: Path, screenshot: Path, viewport=(1440, 900), full_page=True) -> dict:
+def open_in_browser(report: Path, screenshot: Path, viewport=(1440, 900), full_page=True, element: str | None = None) -> dict:
     """Load the report in headless Chromium, open every folded section, and return what a reader would see: console
     errors, every image's decoded width, the headline cells as rendered, the chart positions and each sample's
-    hover text. Saves a screenshot."""
+    hover text. Saves a screenshot (of the page, or of the `element` a CSS selector names)."""
     sync_playwright, executable = browser()
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(executable), args=BROWSER_ARGS)
@@ -135,7 +136,10 @@ def open_in_browser(report: Path, screenshot: Path, viewport=(1440, 900), full_p
             })"""
             )  # fmt: skip
             screenshot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(screenshot), full_page=full_page)
+            if element:
+                page.locator(element).screenshot(path=str(screenshot))
+            else:
+                page.screenshot(path=str(screenshot), full_page=full_page)
         finally:
             chromium.close()
     return {"errors": errors, **facts}
@@ -212,3 +216,5 @@ def test_readme_screenshot_of_a_finished_run(tmp_path):
     check_report(open_in_browser(report, tmp_path / "full.png"), run / "rl", 1440)
     # The README shows the top of the page, the part that answers "did it work?", at a laptop's size.
     open_in_browser(report, README_SCREENSHOT, viewport=(1440, 1000), full_page=False)
+    # And the samples, first and last evaluation side by side, for the README's quickstart section.
+    open_in_browser(report, README_SAMPLES, viewport=(1440, 1000), element="#samples-rl")

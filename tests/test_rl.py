@@ -15,7 +15,8 @@ RECIPE = "recipes/quickstart/rl.yaml"
 
 
 def small(out, checkpoint, *extra):
-    return [f"output_dir={out}", f"model.checkpoint={checkpoint}", "prompts.height=16", "prompts.width=16",
+    return [f"output_dir={out}", f"model.checkpoint={checkpoint}", "algorithm.name=flow_grpo", "prompts.height=16",
+            "prompts.width=16",
             "sampler.num_steps=6", "sampler.window_size=2", "sampler.window_range=[0, 4]",
             "algorithm.prompts_per_update=2", "algorithm.group_size=4", "eval.num_prompts=4", "eval.num_steps=6",
             "eval.every=0", "rollout.num_workers=0", "train.updates=2", *extra]  # fmt: skip
@@ -53,16 +54,16 @@ def test_first_update_sees_ratio_one_at_every_trained_step(tmp_path, sft_tiny):
 def test_held_out_reward_rises_with_two_ray_workers(tmp_path, sft_tiny):
     out = tmp_path / "ray"
     recipe = run(small(out, sft_model(sft_tiny), "rewards={jpeg_incompressibility: 1.0}", "rollout.num_workers=2",
-                       "train.updates=8", "eval.every=8", "algorithm.prompts_per_update=4", "algorithm.minibatches=2",
-                       "optim.lr=3e-3", "algorithm.clip_range=0.05"))  # fmt: skip
+                       "train.updates=12", "eval.every=12", "algorithm.prompts_per_update=4", "algorithm.minibatches=2",
+                       "optim.lr=6e-3", "algorithm.clip_range=0.05"))  # fmt: skip
     rows = metrics(out)
     before, after = rows[0]["eval/reward/mean"], rows[-1]["eval/reward/mean"]
-    # Evaluation uses fixed seeds and the ODE sampler, so its noise is the reward's spread across prompts; the gain
-    # must clear it.
-    spread = np.std(json.loads((out / "eval" / "update_00000.json").read_text())["scores"])
-    assert after - before > 0.5 * spread and after > before * 1.05, (before, after, spread)
+    # Evaluation uses fixed seeds and the ODE sampler, so its noise is the reward's spread across its samples; the
+    # gain must clear twice the standard error of their mean (a 16 px JPEG is mostly header: no relative bar).
+    scores = json.loads((out / "eval" / "update_00000.json").read_text())["scores"]
+    assert after - before > 2 * np.std(scores) / np.sqrt(len(scores)), (before, after, np.std(scores), len(scores))
     assert recipe.rollout.replaced == 0
-    assert (out / "eval" / "update_00008.png").is_file()
+    assert (out / "eval" / "update_00012.png").is_file()
 
 
 def trainable_after(out):

@@ -22,7 +22,8 @@ RECIPE = "recipes/quickstart/rl.yaml"
 
 
 def small(out, checkpoint, *extra):
-    return [f"output_dir={out}", f"model.checkpoint={checkpoint}", "prompts.height=16", "prompts.width=16",
+    return [f"output_dir={out}", f"model.checkpoint={checkpoint}", "algorithm.name=flow_grpo", "prompts.height=16",
+            "prompts.width=16",
             "sampler.num_steps=6", "sampler.window_size=2", "sampler.window_range=[0, 4]",
             "algorithm.prompts_per_update=2", "algorithm.group_size=4", "eval.num_prompts=4", "eval.num_steps=6",
             "eval.every=0", "rollout.num_workers=0", "train.updates=2", "rewards={jpeg_incompressibility: 1.0}",
@@ -187,7 +188,7 @@ def test_prompts_are_drawn_without_replacement_within_an_update(tmp_path, model_
         requests, _ = recipe._plan_update(k)
         indices = [r.prompt_index for r in requests]
         assert len(set(indices)) == len(indices) == 16
-    with pytest.raises(RecipeError, match="prompts_per_update is 200 but prompts.train holds 120"):
+    with pytest.raises(RecipeError, match="prompts_per_update is 200 but prompts.train holds 72"):
         RLRecipe(load_recipe(RLConfig, RECIPE, small(tmp_path / "p", model_dir, "algorithm.prompts_per_update=200")))
 
 

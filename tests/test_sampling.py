@@ -209,3 +209,21 @@ def test_answer_scores_agree_with_decoding(tiny):
         torch.testing.assert_close(scores.log_probs[0], first[yes[0]], atol=1e-5, rtol=1e-5)
     sampled = generate_text(model, tok, patches, (1, 4, 4), "?", max_new_tokens=4, do_sample=True, generator=torch.Generator().manual_seed(0))
     assert len(sampled.ids) <= 4
+
+
+def test_cfg_renorm_global_channel_and_none():
+    """Spec 3.3: v = v_unc + s (v_cond - v_unc), then scaled by min(1, |v_cond| / |v|) over the whole target
+    (global) or per token (channel); none keeps the guided velocity."""
+    from lance_rl.model.guidance import combine_cfg
+
+    g = torch.Generator().manual_seed(0)
+    v_cond, v_unc = torch.randn(2, 6, 48, generator=g), torch.randn(2, 6, 48, generator=g)
+    guided = v_unc + 4.0 * (v_cond - v_unc)
+    assert torch.equal(combine_cfg(v_cond, v_unc, CFGConfig(scale=4.0, renorm="none")), guided)
+    glob = combine_cfg(v_cond, v_unc, CFGConfig(scale=4.0, renorm="global"))
+    torch.testing.assert_close(glob.norm(dim=(1, 2)), v_cond.norm(dim=(1, 2)))  # guidance grew the norm: scaled back
+    torch.testing.assert_close(glob / guided, (glob / guided)[:, :1, :1].expand_as(glob))  # one factor per sample
+    chan = combine_cfg(v_cond, v_unc, CFGConfig(scale=4.0, renorm="channel"))
+    torch.testing.assert_close(chan.norm(dim=2), torch.minimum(v_cond.norm(dim=2), guided.norm(dim=2)))
+    assert torch.equal(combine_cfg(v_cond, v_cond * 0.5, CFGConfig(scale=0.5, renorm="global")),
+                       v_cond * 0.5 + 0.5 * (v_cond - v_cond * 0.5))  # a norm below the conditional one is kept

@@ -125,6 +125,7 @@ class GenerationSection:
     shift: float = 3.0
     cfg_scale: float = 4.0
     cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm: Literal["global", "channel", "none"] = "none"  # as the t2i quickstart's RL recipe samples
     height: int = 32
     width: int = 32
     seed: int = 1234  # the RL recipe's eval seed: the same samples as the t2i quickstart's evaluation
