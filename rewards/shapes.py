@@ -1,8 +1,8 @@
 """`shapes`: an exact, GenEval-like checker for the shapes world (colour, shape, count and position).
 
 The world: a white canvas with one or two flat shapes of one colour and one kind, placed in one half of the image,
-captioned "two red circles on the left". The checker segments the image by the palette, finds connected components, and checks
-each attribute of the caption:
+captioned "two red circles on the left". The checker segments the image by the palette, finds connected components,
+and checks each attribute of the caption:
 
     canvas    (a gate) at least half the image is near-white background, else every attribute fails
     color     the caption's colour covers at least half of the non-background pixels

@@ -2,9 +2,9 @@
 
 A white canvas holds one or two flat shapes of one colour and one kind, about a third of the canvas side, in one half of
 the image, captioned "two red circles on the left"; clips move a group of smaller shapes across the frame ("one blue
-square moving right"). The vocabulary and the checker
-live in `rewards/shapes.py`, so what is drawn here is exactly what the `shapes` reward checks. A fixed set of captions
-is held out of training, so evaluation measures composition on unseen combinations.
+square moving right"). The vocabulary and the checker live in `rewards/shapes.py`, so what is drawn here is exactly
+what the `shapes` reward checks. A fixed set of captions is held out of training, so evaluation measures composition
+on unseen combinations.
 """
 
 from __future__ import annotations

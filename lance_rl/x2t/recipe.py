@@ -116,8 +116,8 @@ def generation_score(lance, tokenizer, codec, g: GenerationSection, version: int
 
     policy = Policy(lance, lance, tokenizer, codec, PolicySpec(checkpoint="", precision="fp32"))
     grid = latent_grid_of(lance.config.vae, 1, g.height, g.width)
-    sampler = SamplerConfig(num_steps=g.num_steps, shift=g.shift, kind="ode",
-                            cfg=CFGConfig(scale=g.cfg_scale, interval=tuple(g.cfg_interval), renorm=g.cfg_renorm))  # fmt: skip
+    guidance = CFGConfig(scale=g.cfg_scale, interval=tuple(g.cfg_interval), renorm=g.cfg_renorm)
+    sampler = SamplerConfig(num_steps=g.num_steps, shift=g.shift, kind="ode", cfg=guidance)
     was_training = lance.training
     lance.eval()
     scores = []
