@@ -86,6 +86,23 @@ def test_recipe_loads_and_validates(path):
                 check_rewards(stage_cfg.rewards, stage.recipe)
 
 
+@pytest.mark.parametrize("algorithm", ["flow_grpo", "mix_grpo", "grpo_guard", "diffusion_nft"])
+@pytest.mark.parametrize("path", [p for p in RECIPES if kind_of(p) is RLConfig],
+                         ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())  # fmt: skip
+def test_every_algorithm_validates_on_every_rl_recipe(path, algorithm):
+    """`algorithm.name=NAME` on any RL recipe; DiffusionNFT refuses the SDE's settings a recipe moved from their
+    defaults (noise level, clip range), naming them, and takes the recipe once they are reset."""
+    from lance_rl.config import RecipeError
+
+    overrides = [f"algorithm.name={algorithm}"]
+    try:
+        cfg = load_recipe(RLConfig, path, overrides)
+    except RecipeError as error:  # the fields the error names, back at their defaults
+        assert algorithm == "diffusion_nft" and "apply to the SDE algorithms" in str(error), error
+        cfg = load_recipe(RLConfig, path, [*overrides, "sampler.noise_level=0.7", "algorithm.clip_range=1e-4"])
+    assert cfg.algorithm.name == algorithm
+
+
 def test_quickstart_sft_recipe_runs_shortened(tmp_path, shapes16):
     from lance_rl.sft import recipe_main
 
