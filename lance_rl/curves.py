@@ -48,6 +48,9 @@ SFT_CHARTS = [
 ]
 # Held-out keys the "attribute" wildcard must not repeat: the total and the signals have their own rows and charts.
 SIGNALS = ["eval/signals/saturation", "eval/signals/edge_density", "eval/signals/diversity"]
+# Reward details that measure rather than score (the shapes reward's canvas tint: lower is cleaner). The report shows
+# their change without calling it a gain or a loss.
+MEASUREMENTS = ("background_tint",)
 HELD_OUT_NOTE = ("Every evaluation, same prompts and seeds. A proxy that rises while gold falls, saturation or edge "
                  "density that climbs, or diversity that drops are the usual signs of a policy gaming its reward.")
 MAX_SAMPLE_PROMPTS = 32  # rows of the first-vs-last table; a 3B evaluation can hold hundreds of prompts

@@ -27,6 +27,7 @@ from lance_rl.curves import (
     HELD_OUT_CHARTS,
     HELD_OUT_NOTE,
     MAX_SAMPLE_PROMPTS,
+    MEASUREMENTS,
     SFT_CHARTS,
     SIGNALS,
     TRAINING_CHARTS,
@@ -124,8 +125,9 @@ def _headline_cells(run: Run, key: str) -> list[str]:
         cells.append(f"<td class='num' data-run='{_esc(run.label)}' data-key='{_esc(key)}' data-when='{when}'{data}>"
                      f"{_fmt(value)}</td>")  # fmt: skip
     change = after - before if finite(before) and finite(after) and len(run.evaluations) > 1 else None
-    # Up is good for a reward; a signal's direction is neither good nor bad by itself, so it stays grey.
-    cells.append(_change_cell(change, coloured=key not in SIGNALS))
+    # Up is good for a reward; a signal's or a measurement's direction is neither good nor bad by itself: grey.
+    scored = key not in SIGNALS and key.split("/")[-2] not in MEASUREMENTS
+    cells.append(_change_cell(change, coloured=scored))
     return cells
 
 

@@ -81,6 +81,17 @@ def test_headline_holds_first_and_last_evaluation_of_every_run_and_runs_share_on
     assert "config.json" in page and "1m00s" in page  # each run's config and the time its rows span
 
 
+def test_a_measurement_detail_is_shown_without_calling_its_change_a_gain(tmp_path):
+    run = synthetic_run(tmp_path / "rl", [0.30, 0.35, 0.45], [0.60, 0.58, 0.55])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):  # the canvas tint rises: worse, but not a reward falling or rising
+        row["eval/shapes/background_tint/mean"] = 0.01 + 0.02 * i
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = write_report([run], tmp_path / "report.html").read_text()
+    changes = dict(re.findall(r"data-key='([^']*)' data-when='after'[^>]*>[^<]*</td><td class='num change ?(\w*)'", page))
+    assert changes["eval/shapes/background_tint/mean"] == "" and changes["eval/shapes/color/mean"] == "up"
+
+
 def headline_cells(page: str) -> list[dict]:
     """The headline's number cells: run, key, before/after, exact value and shown text."""
     pattern = (r"<td class='num' data-run='([^']*)' data-key='([^']*)' data-when='(before|after)'"
