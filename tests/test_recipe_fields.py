@@ -77,8 +77,8 @@ def run_tracked(reads: FieldReads, overrides, monkeypatch):
 @pytest.mark.timeout(400)
 def test_every_rl_field_is_read(tmp_path, sft_tiny, monkeypatch):
     model = sft_tiny / "checkpoints" / "step_0000200" / "model"
-    common = [f"model.checkpoint={model}", "algorithm.name=flow_grpo", "prompts.height=16", "prompts.width=16", "sampler.num_steps=4",
-              "sampler.window_size=1", "sampler.window_range=[0, 3]", "algorithm.prompts_per_update=2",
+    common = [f"model.checkpoint={model}", "algorithm.name=flow_grpo", "prompts.height=16", "prompts.width=16",
+              "sampler.num_steps=4", "sampler.window_size=1", "sampler.window_range=[0, 3]", "algorithm.prompts_per_update=2",
               "algorithm.group_size=2", "eval.num_prompts=2", "eval.num_steps=3", "train.updates=1",
               "rewards={jpeg_incompressibility: {weight: 1.0, normalize: running}}"]  # fmt: skip
     reads = FieldReads()

@@ -14,9 +14,8 @@ RECIPE = "recipes/quickstart/rl.yaml"
 
 
 def overrides(out, model, *extra):
-    return [f"output_dir={out}", f"model.checkpoint={model}", "algorithm.name=flow_grpo", "prompts.height=16",
-            "prompts.width=16",
-            "sampler.num_steps=4", "sampler.window_size=1", "sampler.window_range=[0, 3]",
+    return [f"output_dir={out}", f"model.checkpoint={model}", "algorithm.name=flow_grpo",
+            "prompts.height=16", "prompts.width=16", "sampler.num_steps=4", "sampler.window_size=1", "sampler.window_range=[0, 3]",
             "algorithm.prompts_per_update=4", "algorithm.group_size=3", "algorithm.minibatches=2", "eval.every=0",
             "rewards={jpeg_incompressibility: 1.0}", "optim.lr=3e-3", "optim.eps=1e-4", "algorithm.clip_range=0.05",
             "checkpoint.every=1", "train.precision=fp32", *extra]  # fmt: skip

@@ -22,9 +22,8 @@ RECIPE = "recipes/quickstart/rl.yaml"
 
 
 def small(out, checkpoint, *extra):
-    return [f"output_dir={out}", f"model.checkpoint={checkpoint}", "algorithm.name=flow_grpo", "prompts.height=16",
-            "prompts.width=16",
-            "sampler.num_steps=6", "sampler.window_size=2", "sampler.window_range=[0, 4]",
+    return [f"output_dir={out}", f"model.checkpoint={checkpoint}", "algorithm.name=flow_grpo",
+            "prompts.height=16", "prompts.width=16", "sampler.num_steps=6", "sampler.window_size=2", "sampler.window_range=[0, 4]",
             "algorithm.prompts_per_update=2", "algorithm.group_size=4", "eval.num_prompts=4", "eval.num_steps=6",
             "eval.every=0", "rollout.num_workers=0", "train.updates=2", "rewards={jpeg_incompressibility: 1.0}",
             *extra]  # fmt: skip
