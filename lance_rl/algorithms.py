@@ -196,13 +196,13 @@ class DiffusionNFT(FlowGRPO):
         return self.old
 
     def terms_per_sample(self, result, sampler) -> int:
-        return min(self.recipe.cfg.sampler.window_size or len(self._grid()), len(self._grid()))
+        # The recipe check keeps window_size within the range; 0 trains the whole range.
+        return self.recipe.cfg.sampler.window_size or len(self._grid())
 
     def training_steps(self, num_samples: int, gen: torch.Generator) -> torch.Tensor:
         """[num_samples, terms]: for each sample, `sampler.window_size` distinct steps of the grid drawn at random
         inside `sampler.window_range` (all of them, shuffled, with window_size 0), so a group trains the whole range."""
-        grid = torch.tensor(self._grid())
-        k = min(self.recipe.cfg.sampler.window_size or len(grid), len(grid))
+        grid, k = torch.tensor(self._grid()), self.terms_per_sample(None, None)
         return torch.stack([grid[torch.randperm(len(grid), generator=gen)[:k]] for _ in range(num_samples)])
 
     def _grid(self) -> list[int]:

@@ -140,8 +140,8 @@ def quickstart(out: str | Path = "runs/quickstart", resume: bool = True) -> dict
     evals = [r for r in (json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines())
              if "eval/shapes/strict/mean" in r]  # fmt: skip
     first, last = evals[0], evals[-1]
-    config = json.loads((out / "rl" / "config.json").read_text())
-    result["eval"] = {k: config["eval"][k] for k in ("num_prompts", "samples_per_prompt")}
+    e = result["rl_config"].eval
+    result["eval"] = {"num_prompts": e.num_prompts, "samples_per_prompt": e.samples_per_prompt}
     result["heldout"] = {
         "after_sft": {k.split("/")[-2]: first[k] for k in first if k.startswith("eval/shapes/") and k.endswith("/mean")},
         "after_rl": {k.split("/")[-2]: last[k] for k in last if k.startswith("eval/shapes/") and k.endswith("/mean")},

@@ -224,11 +224,11 @@ class RLConfig:
             raise RecipeError("algorithm.name grpo_guard normalises the SDE step's ratio: it needs sampler.kind: sde")
         if self.algorithm.name == "diffusion_nft":
             # DiffusionNFT samples with the ODE and has no likelihood ratio: the SDE's and the clip's settings would be
-            # accepted and then ignored.
+            # accepted and then ignored. A field's default is its class attribute.
             unused = [f"{section}.{name}" for section, obj, name in (
                 ("sampler", self.sampler, "kind"), ("sampler", self.sampler, "noise_level"),
                 ("algorithm", self.algorithm, "clip_range"), ("algorithm", self.algorithm, "clip_range_high"))
-                if getattr(obj, name) != getattr(type(obj)(), name)]  # fmt: skip
+                if getattr(obj, name) != getattr(type(obj), name)]  # fmt: skip
             if unused:
                 raise RecipeError(f"{', '.join(unused)} apply to the SDE algorithms; diffusion_nft samples with the ODE "
                                   "and clips no ratio: leave them at their defaults")  # fmt: skip
