@@ -182,7 +182,8 @@ class DiffusionNFT(FlowGRPO):
     eta = min(rate (k - flat), max) over optimizer steps k); each sample is noised again at `sampler.window_size`
     timesteps of the sampling grid (drawn per sample inside `sampler.window_range`; 0: all of it), and the velocity
     is trained with the negative-aware loss (grpo.nft_loss) weighted by the sample's optimality probability r from
-    its advantage. beta > 0 adds beta |v - v_ref|^2 toward the reference."""
+    its advantage. beta > 0 adds beta |v - v_ref|^2 toward the reference. The authors sample and train without CFG
+    (guidance 1.0 in their configs); with `sampler.cfg_scale` > 1 the guided velocity is the one sampled and trained."""
 
     name = "diffusion_nft"
 
