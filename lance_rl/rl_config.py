@@ -47,7 +47,8 @@ class SamplerSection:
     kind: Literal["sde", "cps"] = "sde"
     noise_level: float = 0.7
     window_size: int = 0  # 0: every step but the last is stochastic and trained; k: a random window of k steps
-    window_range: tuple[int, int] | None = None  # where the window may start and end (default: all but the last step)
+    window_range: tuple[int, int] | None = None  # where the window may start and end (default: all but the last step;
+    # diffusion_nft may end it at num_steps, training the last step's timestep too)
     cfg_scale: float = 4.0  # 1 gives the CFG-free recipe (RL as CFG distillation)
     cfg_interval: tuple[float, float] = (0.4, 1.0)
     cfg_renorm: Literal["global", "channel", "none"] = "global"  # the release's: the guided velocity is scaled down
@@ -233,11 +234,15 @@ class RLConfig:
                 raise RecipeError(f"{', '.join(unused)} apply to the SDE algorithms; diffusion_nft samples with the ODE "
                                   "and clips no ratio: leave them at their defaults")  # fmt: skip
         n = self.sampler.num_steps
+        # The SDE's final step is deterministic, so the SDE algorithms cannot train it. DiffusionNFT noises its samples
+        # again at the grid's timesteps, and the final step's (t > 0) is one of them: the authors train 9 of all 10.
+        nft = self.algorithm.name == "diffusion_nft"
         first, stop = self.sampler.window_range or (0, n - 1)
-        if not 0 <= first < stop <= n - 1 or self.sampler.window_size > stop - first:
+        if not 0 <= first < stop <= (n if nft else n - 1) or self.sampler.window_size > stop - first:
+            bound = "num_steps" if nft else "num_steps - 1; the final step is never stochastic"
             raise RecipeError(
                 f"sampler.window_range {(first, stop)} with window_size {self.sampler.window_size} does not fit "
-                f"{n} steps (0 <= first < stop <= num_steps - 1; the final step is never stochastic)"
+                f"{n} steps (0 <= first < stop <= {bound})"
             )
 
 

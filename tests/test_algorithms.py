@@ -86,6 +86,9 @@ def test_diffusion_nft_trains_each_sample_at_its_own_steps_of_the_whole_range():
     nft.recipe.cfg.sampler.window_size = 0  # every step of the range, in each sample's own order
     every = nft.training_steps(4, torch.Generator().manual_seed(0))
     assert every.shape == (4, 9) and all(sorted(row.tolist()) == list(range(9)) for row in every)
+    nft.recipe.cfg.sampler.window_size, nft.recipe.cfg.sampler.window_range = 9, (0, 10)  # the authors': 9 of all 10
+    authors = nft.training_steps(64, torch.Generator().manual_seed(0))
+    assert authors.shape == (64, 9) and set(authors.flatten().tolist()) == set(range(10))
 
 
 def test_mix_grpo_window_slides_from_high_to_low_noise_and_wraps(tmp_path, tiny_ckpt):
@@ -104,6 +107,13 @@ def test_mix_grpo_window_slides_from_high_to_low_noise_and_wraps(tmp_path, tiny_
     with pytest.raises(RecipeError, match="grpo_guard normalises the SDE step's ratio"):
         load_recipe(RLConfig, RECIPE, [f"output_dir={tmp_path}", f"model.checkpoint={tiny_ckpt}", "algorithm.name=grpo_guard",
                                        "sampler.kind=cps"])  # fmt: skip
+    # The last step's timestep: DiffusionNFT may train it (it noises its samples again), the SDE algorithms may not.
+    last = [f"output_dir={tmp_path}", f"model.checkpoint={tiny_ckpt}", "sampler.num_steps=6", "sampler.window_range=[0, 6]"]
+    assert load_recipe(RLConfig, RECIPE, [*last, "algorithm.name=diffusion_nft"]).sampler.window_range == (0, 6)
+    with pytest.raises(RecipeError, match="never stochastic"):
+        load_recipe(RLConfig, RECIPE, [*last, "algorithm.name=flow_grpo"])
+    with pytest.raises(RecipeError, match=r"stop <= num_steps\)"):
+        load_recipe(RLConfig, RECIPE, [*last[:-1], "sampler.window_range=[0, 7]", "algorithm.name=diffusion_nft"])
     with pytest.raises(RecipeError, match="sampler.noise_level, algorithm.clip_range apply to the SDE algorithms"):
         load_recipe(RLConfig, RECIPE, [f"output_dir={tmp_path}", f"model.checkpoint={tiny_ckpt}", "algorithm.name=diffusion_nft",
                                        "sampler.noise_level=1.0", "algorithm.clip_range=2e-4"])  # fmt: skip
@@ -139,9 +149,10 @@ def test_diffusion_nft_resumes_exactly(tmp_path, sft_tiny):
     from safetensors.torch import load_file
 
     model = sft_tiny / "checkpoints" / "step_0000200" / "model"
+    # window_range [0, 6] of 6 steps: the last step's timestep is trained too.
     base = [f"model.checkpoint={model}", "algorithm.name=diffusion_nft", "checkpoint.every=1", *SHAPES_RUN[:-1],
             "algorithm.prompts_per_update=2", "algorithm.group_size=3", "eval.every=0", "optim.lr=3e-3",
-            "algorithm.nft.old_decay_rate=0.2"]  # fmt: skip
+            "algorithm.nft.old_decay_rate=0.2", "sampler.window_range=[0, 6]"]  # fmt: skip
     recipe_main(RECIPE, [*base, f"output_dir={tmp_path / 'a'}", "train.updates=3"])
     recipe_main(RECIPE, [*base, f"output_dir={tmp_path / 'b'}", "train.updates=2"])
     recipe_main(RECIPE, [*base, f"output_dir={tmp_path / 'b'}", "train.updates=3"], resume=True)
