@@ -53,7 +53,7 @@ class FlowGRPO:
         """The update's SamplerConfig: a random window of `window_size` steps inside `window_range` (Flow-GRPO-Fast)
         or every step but the last."""
         s = self.recipe.cfg.sampler
-        first, stop = s.window_range or (0, s.num_steps - 1)
+        first, stop = s.trained_range
         if s.window_size:
             first = rng.randint(first, stop - s.window_size)
             stop = first + s.window_size
@@ -154,7 +154,7 @@ class MixGRPO(FlowGRPO):
 
     def window(self, update: int) -> tuple[int, int]:
         s, m = self.recipe.cfg.sampler, self.cfg.mix
-        first, stop = s.window_range or (0, s.num_steps - 1)
+        first, stop = s.trained_range
         size = s.window_size or 1
         positions = stop - size - first + 1  # window starts that fit the range
         start = first + (update // m.shift_every * m.stride) % positions
@@ -208,9 +208,7 @@ class DiffusionNFT(FlowGRPO):
 
     def _grid(self) -> list[int]:
         """The steps of the sampling grid whose timesteps a sample may be trained at (`sampler.window_range`)."""
-        s = self.recipe.cfg.sampler
-        first, stop = s.window_range or (0, s.num_steps - 1)
-        return list(range(first, stop))
+        return list(range(*self.recipe.cfg.sampler.trained_range))
 
     def after_update(self, optimizer_steps: int) -> None:
         n = self.cfg.nft

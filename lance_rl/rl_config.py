@@ -65,6 +65,11 @@ class SamplerSection:
         if self.window_size < 0:
             raise RecipeError(f"sampler.window_size must be >= 0, got {self.window_size}")
 
+    @property
+    def trained_range(self) -> tuple[int, int]:
+        """[first, stop) of the steps an algorithm may train: `window_range`, or every step but the last."""
+        return tuple(self.window_range or (0, self.num_steps - 1))
+
 
 @dataclass
 class MixSection:
@@ -237,7 +242,7 @@ class RLConfig:
         # The SDE's final step is deterministic, so the SDE algorithms cannot train it. DiffusionNFT noises its samples
         # again at the grid's timesteps, and the final step's (t > 0) is one of them: the authors train 9 of all 10.
         nft = self.algorithm.name == "diffusion_nft"
-        first, stop = self.sampler.window_range or (0, n - 1)
+        first, stop = self.sampler.trained_range
         if not 0 <= first < stop <= (n if nft else n - 1) or self.sampler.window_size > stop - first:
             bound = "num_steps" if nft else "num_steps - 1; the final step is never stochastic"
             raise RecipeError(

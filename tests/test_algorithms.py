@@ -16,7 +16,7 @@ from lance_rl.config import RecipeError, load_recipe
 from lance_rl.grpo import nft_loss, optimality_probability, ratio_norm_log_ratio
 from lance_rl.model.schedule import sampling_timesteps, step
 from lance_rl.rl import RLRecipe, recipe_main
-from lance_rl.rl_config import RLConfig
+from lance_rl.rl_config import RLConfig, SamplerSection
 
 RECIPE = "recipes/quickstart/rl.yaml"
 
@@ -77,7 +77,7 @@ def test_diffusion_nft_trains_each_sample_at_its_own_steps_of_the_whole_range():
     from lance_rl.algorithms import DiffusionNFT
 
     nft = DiffusionNFT.__new__(DiffusionNFT)
-    nft.recipe = SimpleNamespace(cfg=SimpleNamespace(sampler=SimpleNamespace(num_steps=10, window_size=3, window_range=(0, 9))))
+    nft.recipe = SimpleNamespace(cfg=SimpleNamespace(sampler=SamplerSection(num_steps=10, window_size=3, window_range=(0, 9))))
     steps = nft.training_steps(64, torch.Generator().manual_seed(0))
     assert steps.shape == (64, 3) and nft.terms_per_sample(None, None) == 3
     assert all(len(set(row.tolist())) == 3 for row in steps)  # distinct steps within a sample
