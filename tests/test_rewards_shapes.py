@@ -72,4 +72,3 @@ def test_background_tint_is_zero_on_the_world_and_measures_a_tinted_canvas():
     assert details["background_tint"][1] == pytest.approx(20 / 255)  # the shapes' own pixels and rims are not canvas
     assert 0.05 < details["background_tint"][2] < 0.1  # speckle of up to 40 below white: 20 on average
     assert scores[0] == scores[1] == 1.0  # the tint is measured beside the score, not part of it
-
